@@ -315,21 +315,23 @@ class MaMuJoCoEnv(gym.Env):
         self.act_mask = np.zeros((n, self.act_dim), np.float32)  # 1 on real action dims, 0 on padding
         for i, k in enumerate(self.act_sizes):
             self.act_mask[i, :k] = 1
-        self.low = [self.env.action_space(a).low for a in self.agents]
-        self.high = [self.env.action_space(a).high for a in self.agents]
-        self.eye = np.eye(n, dtype=np.float32)
+        spaces = [self.env.action_space(a) for a in self.agents]  # FIX 1: a in [-1, 1] -> low + (a + 1)(high - low)/2
+        self.scale, self.offset = [(s.high - s.low) / 2 for s in spaces], [(s.high + s.low) / 2 for s in spaces]
+        self.unit_box = all((s.low == -1).all() and (s.high == 1).all() for s in spaces)  # then the map is the identity
+        self.obs, self.state = np.zeros((n, self.obs_dim), np.float32), np.zeros((n, self.state_dim), np.float32)
+        self.obs[:, -n:] = self.state[:, -n:] = np.eye(n, dtype=np.float32)  # one-hot agent ids
         self.observation_space = gym.spaces.Dict(
             obs=gym.spaces.Box(-np.inf, np.inf, (n, self.obs_dim), np.float32),
             state=gym.spaces.Box(-np.inf, np.inf, (n, self.state_dim), np.float32))
         self.action_space = gym.spaces.Box(-1.0, 1.0, (n, self.act_dim), np.float32)
 
     def _observe(self, obs_dict):
-        state = self.env.state().astype(np.float32)  # MaMuJoCo returns float64
-        obs = np.zeros((self.n_agents, self.obs_dim), np.float32)
+        """Fill the preallocated float32 arrays (MaMuJoCo returns float64); callers copy them before the next call."""
+        state = self.env.state()
+        self.state[:, : -self.n_agents] = state
         for i, a in enumerate(self.agents):
-            obs[i, : self.obs_sizes[i]] = state if self.global_obs else obs_dict[a]
-        obs[:, -self.n_agents:] = self.eye
-        return dict(obs=obs, state=np.concatenate([np.tile(state, (self.n_agents, 1)), self.eye], 1))
+            self.obs[i, : self.obs_sizes[i]] = state if self.global_obs else obs_dict[a]
+        return dict(obs=self.obs, state=self.state)
 
     def reset(self, seed=None, options=None):
         obs, _ = self.env.reset(seed=seed)
@@ -337,19 +339,55 @@ class MaMuJoCoEnv(gym.Env):
 
     def step(self, action):
         # FIX 1: map [-1, 1] affinely onto the joint bounds (Humanoid: +-0.4); padded dims are dropped here
-        acts = {a: self.low[i] + (action[i, : self.act_sizes[i]] + 1) * 0.5 * (self.high[i] - self.low[i])
+        acts = {a: action[i, : self.act_sizes[i]] if self.unit_box else self.offset[i] + self.scale[i] * action[i, : self.act_sizes[i]]
                 for i, a in enumerate(self.agents)}
         obs, rew, term, trunc, _ = self.env.step(acts)
         a0 = self.agents[0]  # shared reward and flags: identical for every agent
         return self._observe(obs), float(rew[a0]), bool(term[a0]), bool(trunc[a0]), {}
 
 
+# >>> shared:lockstep
+class LockstepEnvs:
+    """Steps a list of adapters one after another in this process (the default: on few cores this beats subprocesses,
+    envs.md section 0). Same calls as gymnasium's vector envs with autoreset disabled: `step(actions)` ->
+    (obs dict of stacked arrays, rewards, terminated, truncated, {}); `reset(seed=list, options={"reset_mask": m})`."""
+
+    def __init__(self, fns):
+        self.envs = [fn() for fn in fns]
+        self.num_envs, self.single_action_space = len(self.envs), self.envs[0].action_space
+        self.obs = {k: np.zeros((self.num_envs, *s.shape), s.dtype) for k, s in self.envs[0].observation_space.items()}
+
+    def _put(self, k, obs):
+        for key, v in obs.items():
+            self.obs[key][k] = v
+
+    def reset(self, seed=None, options=None):
+        mask = (options or {}).get("reset_mask", np.ones(self.num_envs, bool))
+        for k in np.flatnonzero(mask):
+            self._put(k, self.envs[k].reset(seed=None if seed is None else seed[k])[0])
+        return {k: v.copy() for k, v in self.obs.items()}, {}
+
+    def step(self, actions):
+        rew, term, trunc = np.zeros(self.num_envs), np.zeros(self.num_envs, bool), np.zeros(self.num_envs, bool)
+        for k, env in enumerate(self.envs):
+            obs, rew[k], term[k], trunc[k], _ = env.step(actions[k])
+            self._put(k, obs)
+        return {k: v.copy() for k, v in self.obs.items()}, rew, term, trunc, {}
+
+    def close(self):
+        for env in self.envs:
+            env.close()
+# <<< shared:lockstep
+
+
 def make_envs(args, n, seeds):
-    """n adapters stepped in lockstep (or in subprocesses); returns the vector env and its first observation."""
+    """n adapters stepped in lockstep (--async-envs: in subprocesses); returns the envs and their first observation."""
     fns = [lambda: MaMuJoCoEnv(args.scenario, args.agent_conf, args.agent_obsk, args.obs_mode, args.max_episode_steps)
            for _ in range(n)]
-    vec = gym.vector.AsyncVectorEnv if args.async_envs else gym.vector.SyncVectorEnv
-    envs = vec(fns, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+    if args.async_envs:
+        envs = gym.vector.AsyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+    else:
+        envs = LockstepEnvs(fns)
     obs, _ = envs.reset(seed=seeds)
     return envs, obs
 
@@ -445,11 +483,11 @@ class MALayerNorm(nn.Module):
             self.weight_i = nn.ParameterList([torch.ones(dim) for _ in range(n_agents)])
             self.bias_i = nn.ParameterList([torch.zeros(dim) for _ in range(n_agents)])
         else:
-            self.norm = nn.LayerNorm(dim)
+            self.weight, self.bias = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim))
 
     def forward(self, x, agents=None):
         if not self.per_agent:
-            return self.norm(x)
+            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias)  # eps 1e-5, as nn.LayerNorm
         shape = (-1,) + (1,) * (x.dim() - 2) + (x.shape[-1],)
         w, b = stack(self.weight_i, agents).view(shape), stack(self.bias_i, agents).view(shape)
         return F.layer_norm(x, x.shape[-1:]) * w + b
@@ -535,11 +573,26 @@ def unmerge(model):
         m.cache = None
 
 
-def agent_groups(model, n_agents):
+def start_phase(actor, phase, args):
+    """ps: one Adam over the shared actor (adapters off, untrained); lora: every shared actor parameter frozen
+    (FIX 8), adapters on at dW = 0, one Adam per agent over its own group (lorasa.md section 1); nps: one Adam per
+    agent over its whole network. The critic optimiser and value normalisers are not touched (FIX 26).
+    Returns the actor's parameter groups and their optimisers (fresh Adam states)."""
+    set_lora(actor, phase == "lora")
+    for n, p in actor.named_parameters():
+        train = ("lora_" in n) == (phase == "lora") or phase == "nps"
+        p.requires_grad_(train and ("lora_bias" not in n or args.train_agent_bias))  # KEEP 18
+    groups = [[p for n, p in actor.named_parameters() if "lora_" not in n]] if phase == "ps" else agent_groups(actor)
+    optims = [torch.optim.Adam(g, lr=args.learning_rate, eps=args.adam_eps) for g in groups]
+    merge(actor)
+    return groups, optims
+
+
+def agent_groups(model):
     """Agent i's parameter group, by construction: entry i of every per-agent ParameterList that trains
     (lorasa: A_i, B_i, log-std offset d_i [, beta_i]; nps: agent i's whole network). Fixes defect 5."""
     lists = [m for m in model.modules() if isinstance(m, nn.ParameterList)]
-    return [[pl[i] for pl in lists if pl[i].requires_grad] for i in range(n_agents)]
+    return [[pl[i] for pl in lists if pl[i].requires_grad] for i in range(len(lists[0]))]
 # <<< shared:trunk
 
 
@@ -663,7 +716,7 @@ class Buffer:
         self.obs, self.state = z(T + 1, N, E, obs_dim), z(T + 1, N, E, state_dim)
         self.actor_h, self.critic_h = z(T + 1, N, E, H), z(T + 1, N, E, H)
         self.masks, self.bad_masks = torch.ones(T + 1, E, device=device), torch.ones(T + 1, E, device=device)
-        self.actions, self.logprobs = z(T, N, E, act_dim), z(T, N, E, act_dim)
+        self.actions, self.logprobs, self.means = z(T, N, E, act_dim), z(T, N, E, act_dim), z(T, N, E, act_dim)
         self.values = z(T + 1, N, E)  # normalised critic outputs; row T = bootstrap value
         self.final_values = z(T, N, E)  # normalised V(true final state) where a truncation happened at step t
         self.boot = z(T, E)  # 1 where step t was a time-limit truncation that is bootstrapped (FIX 21)
@@ -926,24 +979,7 @@ if __name__ == "__main__":
     actor, critic = Actor(obs_dim, act_dim, N, args).to(device), Critic(state_dim, N, args).to(device)
     value_norm = ValueNorm(N).to(device)
     critic_optim = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=args.adam_eps)
-    # >>> shared:phases
     shared_actor_params = [p for n, p in actor.named_parameters() if "lora_" not in n]
-
-    def start_phase(phase):
-        """ps: one Adam over the shared actor (adapters off, untrained); lora: every shared actor parameter frozen
-        (FIX 8), adapters on at dW = 0, one Adam per agent over its own group (lorasa.md section 1); nps: one Adam
-        per agent over its whole network. Critic optimiser and value normalisers continue (FIX 26)."""
-        set_lora(actor, phase == "lora")
-        actor.lora_on = phase == "lora"
-        for n, p in actor.named_parameters():
-            train = ("lora_" in n) == (phase == "lora") or phase == "nps"
-            p.requires_grad_(train and ("lora_bias" not in n or args.train_agent_bias))  # KEEP 18
-        groups = [shared_actor_params] if phase == "ps" else agent_groups(actor, N)
-        optims = [torch.optim.Adam(g, lr=args.learning_rate, eps=args.adam_eps) for g in groups]
-        merge(actor)
-        return groups, optims
-    # <<< shared:phases
-
     phase = "nps" if args.share_mode == "nps" else "ps"
     global_step, start_iteration = 0, 0
     if ckpt is not None:
@@ -955,7 +991,7 @@ if __name__ == "__main__":
         start_iteration = ckpt["iteration"] if args.resume else global_step // args.batch_size
         # --resume continues the saved phase; otherwise a PS checkpoint under --share-mode lorasa fine-tunes at once
         phase = ckpt["phase"] if args.resume else ("lora" if args.share_mode == "lorasa" else ckpt["phase"])
-    actor_groups, actor_optims = start_phase(phase)
+    actor_groups, actor_optims = start_phase(actor, phase, args)
     if args.resume and ckpt["phase"] == phase:
         for opt, state in zip(actor_optims, ckpt["actor_optim"]):
             opt.load_state_dict(state)
@@ -982,7 +1018,7 @@ if __name__ == "__main__":
             run_path, suffix = os.path.join(args.run_dir, f"{run_name}-{suffix}"), suffix + 1
         os.makedirs(run_path)
     writer = SummaryWriter(run_path)
-    versions = {"python": sys.version.split()[0], "torch": torch.__version__}
+    versions = {"python": sys.version.split()[0], "torch": str(torch.__version__)}
     for pkg in ("numpy", "gymnasium", "gymnasium-robotics", "mujoco", "pettingzoo", "jaxmarl", "smac", "smacv2", "pysc2"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[pkg] = importlib.metadata.version(pkg)
@@ -1040,16 +1076,16 @@ if __name__ == "__main__":
                 if args.save_model:
                     save("ps_checkpoint.pt", iteration - 1, global_step)
                 phase = "lora"
-                actor_groups, actor_optims = start_phase(phase)  # the policy is unchanged: dW = 0 (tested)
+                actor_groups, actor_optims = start_phase(actor, phase, args)  # the policy is unchanged: dW = 0 (tested)
                 print(f"  phase switch at step {global_step}: shared actor frozen, adapters on")
             # ---- rollout: one batched policy call for all envs and agents per step ----
             t_roll, t_env, finished, finals = time.time(), 0.0, [], []
+            noise = torch.randn(T, N, E, act_dim, device=device)  # training rollouts always sample: u = mean + std * noise
             for t in range(T):
                 with torch.inference_mode():
                     mean, std, h = actor(buf.obs[t][:, None], buf.actor_h[t], buf.masks[t][None])
-                    action = torch.tanh(mean[:, 0] + std[:, 0] * torch.randn_like(mean[:, 0]))  # training always samples
-                    buf.logprobs[t] = squashed_log_prob(mean[:, 0], std[:, 0], action)
-                buf.actor_h[t + 1], buf.actions[t] = h, action
+                    action = torch.tanh(mean[:, 0] + std[:, 0] * noise[t])
+                buf.actor_h[t + 1], buf.actions[t], buf.means[t] = h, action, mean[:, 0]
                 t0 = time.time()
                 obs, reward, term, trunc, _ = envs.step(action.transpose(0, 1).cpu().numpy())
                 done = term | trunc
@@ -1075,6 +1111,7 @@ if __name__ == "__main__":
                     ep_return[k], ep_length[k] = 0, 0
                 global_step += E
             with torch.inference_mode():
+                buf.logprobs.copy_(squashed_log_prob(buf.means, std[:, 0], buf.actions))  # std is state-independent
                 # The critic's inputs never depend on its outputs, so it runs once over the whole rollout as a
                 # sequence (states 0..T; row T gives the bootstrap value V_T), collecting its hidden states for replay.
                 values, hs = critic(buf.state.transpose(0, 1), buf.critic_h[0], buf.masks)
