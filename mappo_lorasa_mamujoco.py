@@ -85,9 +85,9 @@ class Args:
     resume: bool = False
     """with --checkpoint: continue that run in its own folder (its arguments, step count, optimisers, RNG states)"""
     eval_only: bool = False
-    """with --checkpoint: only evaluate the checkpoint's policy and print the result"""
+    """with --checkpoint: evaluate its policy on its task and print the result (--seed/--eval-episodes from the CLI)"""
     # <<< shared:args-prologue
-    # >>> shared:args-ppo
+    # >>> shared:args-ppo-mamujoco
     total_timesteps: Optional[int] = None
     """env step at which training ends (x-axis end; default 12M as the reference; with --resume the checkpoint's)"""
     num_envs: Optional[int] = None
@@ -130,7 +130,7 @@ class Args:
     """evaluate (and save) every this many iterations, plus before the first and after the last"""
     eval_episodes: int = 10
     """greedy evaluation episodes (one per eval env)"""
-    # <<< shared:args-ppo
+    # <<< shared:args-ppo-mamujoco
     truncation_bootstrap: bool = True
     """bootstrap a time-limit truncation from the true final observation (off: the reference zeroes its advantage)"""
     # >>> shared:args-lorasa
@@ -185,6 +185,9 @@ CUSTOM_CONFS = {("Walker2d", "3x2"): [("foot_joint", "leg_joint"), ("thigh_joint
                                      ("leg_left_joint", "thigh_left_joint")]}  # the reference's Walker2d partition
 
 
+EVAL_KEYS = ("seed", "eval_episodes", "max_episode_steps")  # what --eval-only takes from the command line
+
+
 def fail(msg):
     """One clear line on stderr, no traceback, exit code 2 (before any env or network is built)."""
     print(f"error: {msg}", file=sys.stderr)
@@ -199,12 +202,16 @@ def finalize_args(args):
     if args.eval_only and not args.checkpoint:
         fail("--eval-only needs --checkpoint PATH")
     ckpt = load_checkpoint_file(args.checkpoint) if args.checkpoint else None
-    if args.resume:  # continue with the run's own arguments; only these may change on resume
-        keep = dict(total_timesteps=args.total_timesteps or ckpt["args"]["total_timesteps"], cuda=args.cuda,
-                    checkpoint=args.checkpoint, resume=True, eval_only=args.eval_only, run_dir=args.run_dir)
-        args = Args(**{**ckpt["args"], **keep})
+    if args.resume or args.eval_only:  # the checkpoint's own task, shape and settings; only these come from the CLI
+        cli = ("cuda", "checkpoint", "resume", "eval_only", "run_dir", "async_envs") + (EVAL_KEYS if args.eval_only else ())
+        keep = {k: getattr(args, k) for k in cli}
+        if args.resume and args.total_timesteps is None:
+            keep["total_timesteps"] = ckpt["args"]["total_timesteps"]
+        elif args.resume:
+            keep["total_timesteps"] = args.total_timesteps
+        args = Args(**{**{k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__}, **keep})
         args.lora_layers = tuple(args.lora_layers)
-    args.total_timesteps = args.total_timesteps or 12_000_000
+    args.total_timesteps = 12_000_000 if args.total_timesteps is None else args.total_timesteps
     if args.rank < 1:
         fail(f"--rank {args.rank} is invalid: the adapter rank must be an integer >= 1")
     args.lora_alpha = float(args.rank) if args.lora_alpha is None else args.lora_alpha
@@ -282,14 +289,14 @@ def mujoco_joint_labels(scenario):
     _, get_parts_and_edges = import_mamujoco()
     try:
         parts, _, _ = get_parts_and_edges(scenario, None)
-    except Exception:
+    except Exception:  # the library raises a bare Exception for tasks without a single-agent partition (Pusher)
         return ()
     return tuple(node.label for node in parts[0])
 
 
 class MaMuJoCoEnv(gym.Env):
-    """Adapter of envs.md section 0 over one `mamujoco_v1.parallel_env`, as a gymnasium.Env so that gymnasium's
-    Sync/AsyncVectorEnv can step many of them (autoreset disabled: the script resets done envs itself).
+    """Adapter of envs.md section 0 over one `mamujoco_v1.parallel_env`, as a gymnasium.Env so that LockstepEnvs or
+    gymnasium's AsyncVectorEnv can step many of them (no autoreset: the script resets finished envs itself).
     observation = {"obs": (N, obs_dim) [obs_i zero-padded, one-hot(i)], "state": (N, state_dim) [state(), one-hot(i)]},
     float32; action (N, act_dim) in [-1, 1], padded dims ignored; reward = the shared team reward (a float)."""
 
@@ -478,19 +485,29 @@ class MALayerNorm(nn.Module):
 
     def __init__(self, dim, n_agents, per_agent):
         super().__init__()
-        self.per_agent = per_agent
+        self.per_agent, self.cache = per_agent, None
         if per_agent:
             self.weight_i = nn.ParameterList([torch.ones(dim) for _ in range(n_agents)])
             self.bias_i = nn.ParameterList([torch.zeros(dim) for _ in range(n_agents)])
         else:
             self.weight, self.bias = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim))
 
+    def merge(self):
+        """nps: stack the per-agent affine parameters once for rollouts and evaluation (used under no_grad only)."""
+        self.cache = None
+        if self.per_agent:
+            with torch.no_grad():
+                self.cache = stack(self.weight_i, None).detach(), stack(self.bias_i, None).detach()
+
     def forward(self, x, agents=None):
         if not self.per_agent:
             return F.layer_norm(x, x.shape[-1:], self.weight, self.bias)  # eps 1e-5, as nn.LayerNorm
         shape = (-1,) + (1,) * (x.dim() - 2) + (x.shape[-1],)
-        w, b = stack(self.weight_i, agents).view(shape), stack(self.bias_i, agents).view(shape)
-        return F.layer_norm(x, x.shape[-1:]) * w + b
+        if self.cache is not None and not torch.is_grad_enabled():
+            w, b = self.cache if agents is None else (self.cache[0][agents], self.cache[1][agents])
+        else:
+            w, b = stack(self.weight_i, agents), stack(self.bias_i, agents)
+        return F.layer_norm(x, x.shape[-1:]) * w.view(shape) + b.view(shape)
 # <<< shared:lora
 
 
@@ -564,13 +581,16 @@ def set_lora(model, on):
 
 
 def merge(model):
-    for m in lora_modules(model):
-        m.merge()
+    """Precompute every layer's per-agent weights for rollouts and evaluation (call after each update)."""
+    for m in model.modules():
+        if isinstance(m, (LoRALinear, MALayerNorm)):
+            m.merge()
 
 
 def unmerge(model):
-    for m in lora_modules(model):
-        m.cache = None
+    for m in model.modules():
+        if isinstance(m, (LoRALinear, MALayerNorm)):
+            m.cache = None
 
 
 def start_phase(actor, phase, args):
@@ -787,8 +807,10 @@ def step_groups(optims, groups, max_norm):
     for opt in optims:
         opt.step()
     return torch.stack(norms).mean().item()
+# <<< shared:losses
 
 
+# >>> shared:policy-mamujoco
 def policy_terms(args, actor, mb, advantages, clip, act_mask, agents=None):
     """Per-sample clipped surrogate, entropy, approx-KL and clip fraction of the given agents, (n, L, B) each.
     KEEP 19 (--per-dim-ratio): ratio w_d = exp(log pi_d - log pi_old_d) and clip per action dim, summed over dims;
@@ -807,7 +829,7 @@ def policy_terms(args, actor, mb, advantages, clip, act_mask, agents=None):
         kl = (((ratio - 1) - logr) * dims).sum(-1) / dims.sum(-1)
         clipped = (((ratio - 1).abs() > clip).float() * dims).sum(-1) / dims.sum(-1)
     return -(surr * dims).sum(-1), entropy, kl, clipped
-# <<< shared:losses
+# <<< shared:policy-mamujoco
 
 
 def update(args, actor, critic, value_norm, actor_optims, actor_groups, critic_optim, data, advantages, phase, act_mask):
@@ -837,7 +859,7 @@ def update(args, actor, critic, value_norm, actor_optims, actor_groups, critic_o
 
 
 # ==== 9. EVALUATION ====
-# >>> shared:evaluate
+# >>> shared:evaluate-mamujoco
 @torch.no_grad()
 def evaluate(args, actor, envs, n_agents, device):
     """Greedy evaluation (lorasa.md section 8): action tanh(mean), zero initial hidden state, merged adapters; one
@@ -856,7 +878,7 @@ def evaluate(args, actor, envs, n_agents, device):
         length += ~done
         done |= term | trunc
     return dict(episodic_return=float(ret.mean()), episodic_length=float(length.mean()), num_episodes=n)
-# <<< shared:evaluate
+# <<< shared:evaluate-mamujoco
 
 
 # ==== 10. CHECKPOINTS ====
@@ -992,6 +1014,7 @@ if __name__ == "__main__":
         # --resume continues the saved phase; otherwise a PS checkpoint under --share-mode lorasa fine-tunes at once
         phase = ckpt["phase"] if args.resume else ("lora" if args.share_mode == "lorasa" else ckpt["phase"])
     actor_groups, actor_optims = start_phase(actor, phase, args)
+    merge(critic)
     if args.resume and ckpt["phase"] == phase:
         for opt, state in zip(actor_optims, ckpt["actor_optim"]):
             opt.load_state_dict(state)
@@ -1135,15 +1158,15 @@ if __name__ == "__main__":
             adv = (adv - adv.mean()) / (adv.std(correction=0) + 1e-5)  # pooled over (t, env, agent); all agents active on MuJoCo
             data = dict(obs=buf.obs, state=buf.state, actor_h=buf.actor_h, critic_h=buf.critic_h, masks=buf.masks,
                         actions=buf.actions, logprobs=buf.logprobs, values=buf.values, returns=returns)
-            unmerge(actor)
+            unmerge(actor), unmerge(critic)
             stats = update(args, actor, critic, value_norm, actor_optims, actor_groups, critic_optim, data, adv, phase,
                            act_mask)
-            merge(actor)  # rollouts and evaluation use the merged weights
+            merge(actor), merge(critic)  # rollouts and evaluation use the merged weights
             buf.roll()
             t_up = time.time() - t_up
 
             # ---- logging ----
-            # >>> shared:iteration-log
+            # >>> shared:iteration-log-mamujoco
             for k, v in stats.items():
                 writer.add_scalar(k, v, global_step)
             y, v_pred = returns.flatten(), value_norm.denormalize(buf.values[:-1], dim=1).flatten()
@@ -1171,7 +1194,7 @@ if __name__ == "__main__":
             print(f"iter {iteration}/{args.num_iterations} step {global_step} phase {phase} {last} | SPS {sps} "
                   f"(env {args.batch_size / max(t_env, 1e-9):.0f}) | rollout {t_roll:.2f}s update {t_up:.2f}s "
                   f"| pg {stats['losses/policy_loss']:.4f} v {stats['losses/value_loss']:.4f}", flush=True)
-            # <<< shared:iteration-log
+            # <<< shared:iteration-log-mamujoco
             if iteration % args.eval_interval == 0 or iteration == args.num_iterations:
                 log_eval(iteration)
     except KeyboardInterrupt:  # save the last completed iteration (the one in progress is discarded), then exit

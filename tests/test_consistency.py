@@ -1,5 +1,6 @@
 """Diff discipline (style.md section 2): every `# >>> shared:<name>` block is byte-identical in all scripts that
-contain it, markers are balanced, the section banners come in the fixed order, and no script imports another."""
+contain it, markers are balanced, the section banners come in the fixed order, and no script imports another.
+Blocks whose text depends on the suite carry its name (`shared:evaluate-mamujoco`): shared by that suite's two scripts."""
 import os
 import re
 

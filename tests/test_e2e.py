@@ -162,6 +162,17 @@ def test_bad_input_errors(script, kw, needles, capsys):
         assert needle in err, (needle, err)
 
 
+def test_eval_only_and_resume_take_task_and_shape_from_the_checkpoint(lorasa_run):
+    script, _, run_dir, _ = lorasa_run
+    mod = load_script(script)
+    path = os.path.join(run_dir, "checkpoint.pt")
+    args = make_args(mod, checkpoint=path, eval_only=True, scenario="Ant", agent_conf="4x2", hidden_size=32, seed=7)
+    assert (args.scenario, args.agent_conf, args.hidden_size, args.seed, args.share_mode) == ("HalfCheetah", "2x3", 64, 7,
+                                                                                              "lorasa")
+    args = make_args(mod, checkpoint=path, resume=True, num_envs=5, total_timesteps=400)
+    assert (args.num_envs, args.total_timesteps, args.lora_start) == (2, 400, 80)
+
+
 def test_checkpoint_of_another_task_or_shape_is_refused(lorasa_run, capsys):
     script, _, run_dir, _ = lorasa_run
     mod = load_script(script)

@@ -80,6 +80,23 @@ def test_adapters_start_at_zero_change_and_policy_is_continuous_at_switch(script
                                rtol=0)
 
 
+def test_nps_merged_equals_unmerged(script):
+    torch.manual_seed(8)
+    args = make_args(script, share_mode="nps")
+    actor, critic = script.Actor(9, 3, 3, args), script.Critic(12, 3, args)
+    script.start_phase(actor, "nps", args)
+    perturb(list(actor.parameters()) + list(critic.parameters()), std=0.1)
+    obs, state, h, masks = torch.randn(3, 4, 5, 9), torch.randn(3, 4, 5, 12), torch.randn(3, 5, 64), torch.ones(4, 5)
+    unmerged = actor(obs, h, masks), critic(state, h, masks)
+    script.merge(actor), script.merge(critic)
+    with torch.no_grad():
+        merged = actor(obs, h, masks), critic(state, h, masks)
+        sub = actor(obs[[2]], h[[2]], masks, agents=[2])
+    for x, y in zip(merged[0] + merged[1], unmerged[0] + unmerged[1]):
+        torch.testing.assert_close(x, y.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sub[0], merged[0][0][[2]], atol=1e-5, rtol=1e-5)
+
+
 def test_only_adapters_get_gradients_after_switch(script):
     torch.manual_seed(3)
     args = make_args(script, share_mode="lorasa")
