@@ -811,30 +811,40 @@ def step_groups(optims, groups, max_norm):
 
 
 # >>> shared:policy-mamujoco
-def policy_terms(args, actor, mb, advantages, clip, act_mask, agents=None):
+def action_mask(args, act_mask):
+    """(n, 1, 1, act_dim) weights of the action dims: 0 on padding (FIX 12), unless --no-mask-padded-actions."""
+    return (act_mask if args.mask_padded_actions else torch.ones_like(act_mask))[:, None, None]
+
+
+def policy_terms(args, actor, mb, advantages, clip, act_mask, agents=None, others=None):
     """Per-sample clipped surrogate, entropy, approx-KL and clip fraction of the given agents, (n, L, B) each.
     KEEP 19 (--per-dim-ratio): ratio w_d = exp(log pi_d - log pi_old_d) and clip per action dim, summed over dims;
-    FIX 12: padded dims (act_mask 0) contribute nothing."""
+    FIX 12: padded dims (act_mask 0) contribute nothing. `others` (n, L, B), optional, multiplies the ratio
+    (A2PO's clipped product of the preceding agents' ratios; no gradient flows into it)."""
     mean, std, _ = actor(mb["obs"], mb["actor_h"], mb["masks"], agents)
     logp = squashed_log_prob(mean, std, mb["actions"])
-    m = act_mask[:, None, None] if args.mask_padded_actions else torch.ones_like(act_mask)[:, None, None]
+    m = action_mask(args, act_mask)
     logr = (logp - mb["logprobs"]) * m
     if not args.per_dim_ratio:
         logr = logr.sum(-1, keepdim=True)
     ratio, adv = logr.exp(), advantages[..., None]
+    if others is not None:
+        ratio = ratio * others[..., None]
     surr = torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
     dims = m if args.per_dim_ratio else torch.ones_like(surr)
     entropy = (squashed_entropy(mean, std) * m).sum(-1)
     with torch.no_grad():
-        kl = (((ratio - 1) - logr) * dims).sum(-1) / dims.sum(-1)
+        kl = ((logr.exp() - 1 - logr) * dims).sum(-1) / dims.sum(-1)  # the agent's own policy change
         clipped = (((ratio - 1).abs() > clip).float() * dims).sum(-1) / dims.sum(-1)
     return -(surr * dims).sum(-1), entropy, kl, clipped
 # <<< shared:policy-mamujoco
 
 
-def update(args, actor, critic, value_norm, actor_optims, actor_groups, critic_optim, data, advantages, phase, act_mask):
+def update(args, actor, critic, value_norm, actor_optims, actor_groups, critic_optim, data, advantages, phase, act_mask,
+           ctx):
     """MAPPO (lorasa.md section 6): `update_epochs` x `num_minibatches` steps on all agents at once.
-    Reduction: phase ps - mean over all agents' samples; phases lora/nps - mean per agent, summed over agents."""
+    Reduction: phase ps - mean over all agents' samples; phases lora/nps - mean per agent, summed over agents.
+    `ctx` (the rollout's per-agent rewards and the iteration) is used by A2PO only."""
     stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "actor_grad_norm",
                              "critic_grad_norm")}
     data = dict(data, advantages=advantages)
@@ -1159,8 +1169,9 @@ if __name__ == "__main__":
             data = dict(obs=buf.obs, state=buf.state, actor_h=buf.actor_h, critic_h=buf.critic_h, masks=buf.masks,
                         actions=buf.actions, logprobs=buf.logprobs, values=buf.values, returns=returns)
             unmerge(actor), unmerge(critic)
+            ctx = dict(rewards=rewards, bad_masks=buf.bad_masks, iteration=iteration)
             stats = update(args, actor, critic, value_norm, actor_optims, actor_groups, critic_optim, data, adv, phase,
-                           act_mask)
+                           act_mask, ctx)
             merge(actor), merge(critic)  # rollouts and evaluation use the merged weights
             buf.roll()
             t_up = time.time() - t_up

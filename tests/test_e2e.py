@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -61,6 +62,13 @@ def test_lorasa_run_switches_phase_and_writes_everything(lorasa_run):
         assert tag in s, tag
     assert [v for _, v in s["charts/phase"]] == [0, 0, 1, 1]
     assert [st for st, _ in s["eval/episodic_return"]] == [0, 80, 160]
+    if script.startswith("a2po"):  # agent order, clip per position, preceding-agent correction, trace statistics
+        for tag in ["a2po/order_pos/agent_0", "a2po/order_pos/agent_1", "a2po/clip_eps/pos_1", "a2po/clip_eps/pos_2",
+                    "a2po/others_ratio_mean", "a2po/others_ratio_min", "a2po/others_ratio_max", "a2po/trace_rho_mean",
+                    "a2po/trace_trunc_frac", "a2po/trace_adv_gap"]:
+            assert tag in s, tag
+        assert sorted([s["a2po/order_pos/agent_0"][-1][1], s["a2po/order_pos/agent_1"][-1][1]]) == [1, 2]
+        assert abs(s["a2po/clip_eps/pos_1"][0][1] - 0.15) < 1e-6 and abs(s["a2po/clip_eps/pos_2"][0][1] - 0.2) < 1e-6
     obs_dim, n_out = 7 + 2, 3  # counts as lorasa.md section 3 (+ the Gaussian log-std / its per-agent offset)
     assert s["lorasa/shared_params"][0][1] == 66 * obs_dim + 38144 + 65 * n_out + n_out
     assert s["lorasa/adapter_params_per_agent"][0][1] == 8 * obs_dim + 8192 + 8 * n_out + n_out
@@ -94,6 +102,17 @@ def test_baseline_share_modes_run(script, mode, tmp_path):
     assert set(v for _, v in s["charts/phase"]) == {0 if mode == "ps" else 2}
     ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     assert len(ckpt["actor_optim"]) == (1 if mode == "ps" else 2)
+
+
+def test_a2po_ppo_loop_and_options_run(tmp_path):
+    run("a2po_lorasa_mamujoco.py", TINY[:4] + ["--total-timesteps", "80", "--lora-start", "40", "--eval-interval", "5",
+                                               "--eval-episodes", "1", "--max-episode-steps", "30", "--run-dir", "runs",
+                                               "--scenario", "Walker2d", "--agent-conf", "3x2", "--a2po-loop", "ppo",
+                                               "--trace-variant", "retrace", "--no-two-stage", "--a2po-order", "random"],
+        tmp_path)
+    s = scalars(only_run(tmp_path))
+    eps = [s[f"a2po/clip_eps/pos_{k}"][-1][1] for k in (1, 2, 3)]
+    assert np.allclose(eps, [0.2 * (0.5 + 0.5 / 3)] * 3)  # KEEP 13: the ppo loop gives everyone the first clip
 
 
 def test_ps_checkpoint_starts_lora_finetuning(lorasa_run, tmp_path):

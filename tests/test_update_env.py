@@ -68,7 +68,8 @@ def test_update_moves_only_what_the_phase_trains(mode):
     before = {n: p.detach().clone() for n, p in actor.named_parameters()}
     critic_before = [p.detach().clone() for p in critic.parameters()]
     M.unmerge(actor)
-    stats = M.update(args, actor, critic, vn, optims, groups, critic_opt, data, adv, phase, torch.ones(2, 3))
+    ctx = dict(rewards=data["returns"] * 0.1, bad_masks=torch.ones(21, 3), iteration=1)
+    stats = M.update(args, actor, critic, vn, optims, groups, critic_opt, data, adv, phase, torch.ones(2, 3), ctx)
     assert all(np.isfinite(v) for v in stats.values())
     for n, p in actor.named_parameters():
         moved = not torch.equal(before[n], p)
