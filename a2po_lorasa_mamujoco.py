@@ -59,6 +59,7 @@ import importlib.metadata
 import math
 import os
 import random
+import signal
 import sys
 import time
 import warnings
@@ -1232,6 +1233,7 @@ if __name__ == "__main__":
 
     if args.eval_only:
         t0 = time.time()
+        torch.set_num_threads(1)  # small batched matmuls next to env steps (see the rollout)
         result = evaluate(args, actor, eval_envs, N, device)
         print(f"eval {task_name(args)} {args.share_mode} step {global_step}: return {result['episodic_return']:.2f} "
               f"length {result['episodic_length']:.1f} over {result['num_episodes']} episodes ({time.time() - t0:.1f}s)")
@@ -1290,7 +1292,9 @@ if __name__ == "__main__":
 
     def log_eval(iteration):
         t0 = time.time()
+        torch.set_num_threads(1)  # see the rollout
         result = evaluate(args, actor, eval_envs, N, device)
+        torch.set_num_threads(update_threads)
         for k, v in result.items():
             writer.add_scalar(f"eval/{k}", v, global_step)
         writer.add_scalar("perf/eval_s", time.time() - t0, global_step)
@@ -1298,13 +1302,22 @@ if __name__ == "__main__":
         if args.save_model:
             save("checkpoint.pt", iteration, global_step)
 
-    iteration, start_step, start_time = start_iteration, global_step, time.time()
-    iteration_step = global_step
+    iteration, start_step, start_time, update_threads = start_iteration, global_step, time.time(), torch.get_num_threads()
+    stop = []
+
+    def on_ctrl_c(signum, frame):
+        """First Ctrl-C: finish this iteration, save, exit 130 (no half-applied update is saved); second: quit now."""
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(True)
+        print("Ctrl-C: finishing this iteration, then saving a checkpoint (Ctrl-C again quits at once)", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         if not args.resume:
             log_eval(iteration)
-        while iteration < args.num_iterations:
-            iteration, iteration_step = iteration + 1, global_step
+        while iteration < args.num_iterations and not stop:
+            iteration += 1
             if args.share_mode == "lorasa" and phase == "ps" and global_step >= args.lora_start:
                 if args.save_model:
                     save("ps_checkpoint.pt", iteration - 1, global_step)
@@ -1313,6 +1326,9 @@ if __name__ == "__main__":
                 print(f"  phase switch at step {global_step}: shared actor frozen, adapters on")
             # ---- rollout: one batched policy call for all envs and agents per step ----
             t_roll, t_env, finished, finals = time.time(), 0.0, [], []
+            # one thread while the envs step: idle PyTorch worker threads spin after each small matmul and slow the
+            # env steps on the other core (measured: +70% rollout speed on 2 cores); all threads again for the update
+            torch.set_num_threads(1)
             noise = torch.randn(T, N, E, act_dim, device=device)  # training rollouts always sample: u = mean + std * noise
             for t in range(T):
                 with torch.inference_mode():
@@ -1356,6 +1372,7 @@ if __name__ == "__main__":
                     v_final, _ = critic(torch.stack(fs, 1)[:, None], hs[:, list(ts), list(es)],
                                         torch.ones(1, len(ts), device=device))
                     buf.final_values[list(ts), :, list(es)] = v_final[:, 0].T
+            torch.set_num_threads(update_threads)
             t_roll = time.time() - t_roll
 
             # ---- returns and advantages (lorasa.md section 6.1, 7) ----
@@ -1408,10 +1425,14 @@ if __name__ == "__main__":
             # <<< shared:iteration-log-mamujoco
             if iteration % args.eval_interval == 0 or iteration == args.num_iterations:
                 log_eval(iteration)
-    except KeyboardInterrupt:  # save the last completed iteration (the one in progress is discarded), then exit
-        if args.save_model and iteration > start_iteration:
-            save("checkpoint.pt", iteration - 1, iteration_step)
-        print(f"interrupted at step {global_step}: checkpoint of step {iteration_step} saved in {run_path}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"quit at step {global_step}; the last checkpoint in {run_path} is kept", file=sys.stderr)
+        writer.close()
+        sys.exit(130)
+    if stop:
+        if args.save_model:
+            save("checkpoint.pt", iteration, global_step)
+        print(f"interrupted: checkpoint of step {global_step} saved in {run_path}", file=sys.stderr)
         writer.close()
         sys.exit(130)
     envs.close()

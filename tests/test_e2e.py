@@ -2,6 +2,7 @@
 round trips (PS -> LoRA fine-tuning, --eval-only, --resume) and the one-line bad-input errors."""
 import glob
 import os
+import signal
 import subprocess
 import sys
 
@@ -147,6 +148,27 @@ def test_resume_continues_step_count(lorasa_run, tmp_path):
     ckpt = torch.load(copy / "checkpoint.pt", weights_only=True)
     assert (ckpt["global_step"], ckpt["iteration"], ckpt["phase"]) == (240, 6, "lora")
     assert not os.path.exists(tmp_path / "runs")  # resumed in its own folder
+
+
+def test_ctrl_c_saves_a_checkpoint(tmp_path):
+    """SIGINT (Ctrl-C) mid-run: the iteration in progress finishes, a checkpoint is saved atomically, exit 130."""
+    cmd = [sys.executable, os.path.join(ROOT, "mappo_lorasa_mamujoco.py"), *TINY[:4], "--total-timesteps", "400000",
+           "--eval-interval", "100000", "--eval-episodes", "1", "--max-episode-steps", "30", "--run-dir", "runs"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("iter 2/"):
+                proc.send_signal(signal.SIGINT)
+                break
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    run_dir = only_run(tmp_path)
+    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    assert ckpt["global_step"] >= 80 and ckpt["global_step"] % 40 == 0 and "checkpoint of step" in err
+    assert ckpt["iteration"] == ckpt["global_step"] // 40  # a finished iteration, never a half-applied update
+    assert not [f for f in os.listdir(run_dir) if ".tmp" in f]
 
 
 def test_bad_input_cli_one_line_no_traceback(tmp_path):
