@@ -536,7 +536,7 @@ class GRU(nn.Module):
             n = torch.tanh(gx[:, t, :, H2:] + r * gh[..., H2:])
             h = n + z * (h - n)  # = (1 - z) n + z h
             out.append(h)
-        return torch.stack(out, 1)
+        return torch.stack(out, 1) if len(out) > 1 else h[:, None]
 # <<< shared:gru
 
 
@@ -563,10 +563,11 @@ class Trunk(nn.Module):
         """x (n, T, B, in), h (n, B, H), masks (T, B) -> features (n, T, B, H), hidden after every step (n, T, B, H)."""
         block = lambda k, x: self.norms[k](F.relu(self.fcs[k](x, agents)), agents)
         x = block("fc2b", block("fc2a", block("fc1", self.feature_norm(x, agents))))
-        hs = h[:, None].expand(-1, x.shape[1], -1, -1)  # feed-forward: the (unused) hidden state passes through
         if self.recurrent:
             hs = self.gru(x, h, masks, agents)
             x = self.gru_norm(hs, agents)
+        else:  # feed-forward: the (unused) hidden state passes through
+            hs = h[:, None].expand(-1, x.shape[1], -1, -1)
         return block("fc_post", x), hs
 
 
@@ -584,13 +585,13 @@ def set_lora(model, on):
 def merge(model):
     """Precompute every layer's per-agent weights for rollouts and evaluation (call after each update)."""
     for m in model.modules():
-        if isinstance(m, (LoRALinear, MALayerNorm)):
+        if hasattr(m, "cache"):
             m.merge()
 
 
 def unmerge(model):
     for m in model.modules():
-        if isinstance(m, (LoRALinear, MALayerNorm)):
+        if hasattr(m, "cache"):
             m.cache = None
 
 
@@ -646,11 +647,21 @@ class Actor(nn.Module):
             return self.log_std + stack(self.lora_std, agents)
         return self.log_std.expand(n, -1)
 
+    def merge(self):
+        """The std is state-independent: computed once per update for rollouts and evaluation (no_grad only)."""
+        self.cache = None
+        with torch.no_grad():
+            self.cache = self.std_of(None).detach()
+
+    def std_of(self, agents):
+        if self.cache is not None and not torch.is_grad_enabled():
+            return self.cache if agents is None else self.cache[agents]
+        return 0.5 * torch.sigmoid(self.log_std_of(agents))[:, None, None]  # sigma = 0.5 sigmoid(log sigma~)
+
     def forward(self, obs, h, masks, agents=None):
         """obs (n, T, B, obs_dim) -> mean (n, T, B, act_dim), std (n, 1, 1, act_dim), next h (n, B, H)."""
         x, hs = self.trunk(obs, h, masks, agents)
-        std = 0.5 * torch.sigmoid(self.log_std_of(agents))[:, None, None]
-        return self.head(x, agents), std, hs[:, -1]
+        return self.head(x, agents), self.std_of(agents), hs[:, -1]
 
 
 EPS = float(np.finfo(np.float32).eps)

@@ -60,11 +60,14 @@ def test_adapters_start_at_zero_change_and_policy_is_continuous_at_switch(script
     actor = script.Actor(obs_dim, act_dim, N, args)
     script.start_phase(actor, "ps", args)
     perturb([p for n, p in actor.named_parameters() if "lora_" not in n])  # a "trained" shared policy
+    script.merge(actor)  # as the training loop does after every update
     obs, h, masks = torch.randn(N, 10, 8, obs_dim), torch.randn(N, 8, 64), (torch.rand(10, 8) > 0.2).float()
     a = torch.rand(N, 10, 8, act_dim) * 1.8 - 0.9
     with torch.no_grad():
         before = actor(obs, h, masks)
         logp_before = script.squashed_log_prob(before[0], before[1], a)
+    for x, y in zip(before, actor(obs, h, masks)):  # merged (rollout) = unmerged (training) before the switch too
+        torch.testing.assert_close(y.detach(), x, atol=1e-6, rtol=0)
     script.start_phase(actor, "lora", args)
     A = [p for n, p in actor.named_parameters() if "lora_A" in n]
     B = [p for n, p in actor.named_parameters() if "lora_B" in n]
