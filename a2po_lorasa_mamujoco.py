@@ -386,8 +386,8 @@ class MaMuJoCoEnv(gym.Env):
 
     def step(self, action):
         # FIX 1: map [-1, 1] affinely onto the joint bounds (Humanoid: +-0.4); padded dims are dropped here
-        acts = {a: action[i, : self.act_sizes[i]] if self.unit_box else self.offset[i] + self.scale[i] * action[i, : self.act_sizes[i]]
-                for i, a in enumerate(self.agents)}
+        acts = {a: action[i, : k] if self.unit_box else self.offset[i] + self.scale[i] * action[i, : k]
+                for i, (a, k) in enumerate(zip(self.agents, self.act_sizes))}
         obs, rew, term, trunc, _ = self.env.step(acts)
         a0 = self.agents[0]  # shared reward and flags: identical for every agent
         return self._observe(obs), float(rew[a0]), bool(term[a0]), bool(trunc[a0]), {}
@@ -1393,7 +1393,7 @@ if __name__ == "__main__":
             rewards = buf.rewards[:, None] + args.gamma * buf.boot[:, None] * value_norm.denormalize(buf.final_values, dim=1)
             returns = gae(rewards, values, buf.masks[:, None], buf.bad_masks[:, None], args.gamma, args.gae_lambda)
             adv = returns - values[:-1]
-            adv = (adv - adv.mean()) / (adv.std(correction=0) + 1e-5)  # pooled over (t, env, agent); all agents active on MuJoCo
+            adv = (adv - adv.mean()) / (adv.std(correction=0) + 1e-5)  # pooled over (t, env, agent), all active
             data = dict(obs=buf.obs, state=buf.state, actor_h=buf.actor_h, critic_h=buf.critic_h, masks=buf.masks,
                         actions=buf.actions, logprobs=buf.logprobs, values=buf.values, returns=returns)
             unmerge(actor), unmerge(critic)

@@ -80,8 +80,8 @@ def test_traces_with_unit_ratios_are_gae():
 
 def test_clip_schedule_matches_table():
     args = make_args(A)
-    table = {2: [0.15, 0.20], 3: [0.1333, 0.1667, 0.20], 4: [0.125, 0.15, 0.175, 0.20], 8: [0.1125 + 0.0125 * k for k in range(8)],
-             10: [0.11 + 0.01 * k for k in range(10)]}
+    table = {2: [0.15, 0.20], 3: [0.1333, 0.1667, 0.20], 4: [0.125, 0.15, 0.175, 0.20],
+             8: [0.1125 + 0.0125 * k for k in range(8)], 10: [0.11 + 0.01 * k for k in range(10)]}
     for n, eps in table.items():
         np.testing.assert_allclose([A.clip_eps(args, k, n) for k in range(1, n + 1)], eps, atol=1e-4)
 
@@ -168,7 +168,6 @@ def test_only_the_current_agent_changes_during_its_turn(mode, loop):
         with torch.no_grad():
             for p in (p for g in groups for p in g):
                 p.add_(0.1 * torch.randn_like(p))
-    owner = {id(p): i for i, g in enumerate(groups) for p in g}
     steps = []
     for k, opt in enumerate(optims):
         orig = opt.step
@@ -194,4 +193,3 @@ def test_only_the_current_agent_changes_during_its_turn(mode, loop):
         order = sorted(range(N), key=lambda i: stats[f"a2po/order_pos/agent_{i}"])
         assert [k for k, _ in steps] == [i for i in order for _ in range(args.update_epochs)]
     assert {"a2po/others_ratio_mean", "a2po/trace_rho_mean", "a2po/clip_eps/pos_3"} <= set(stats)
-    del owner

@@ -1,5 +1,4 @@
 """Equations of the scripts against independent plain-loop references (shared blocks: run for every script)."""
-import math
 
 import numpy as np
 import pytest
