@@ -95,8 +95,9 @@ def test_lorasa_run_switches_phase_and_writes_everything(lorasa_run):
 @pytest.mark.parametrize("script", present_scripts(), ids=lambda s: s[:-3])
 @pytest.mark.parametrize("mode", ["ps", "nps"])
 def test_baseline_share_modes_run(script, mode, tmp_path):
+    extra = ["--async-envs"] if (script, mode) == ("mappo_lorasa_mamujoco.py", "ps") else []  # subprocess envs once
     run(script, TINY[:4] + ["--total-timesteps", "80", "--eval-interval", "5", "--eval-episodes", "1",
-                            "--max-episode-steps", "30", "--run-dir", "runs", "--share-mode", mode], tmp_path)
+                            "--max-episode-steps", "30", "--run-dir", "runs", "--share-mode", mode, *extra], tmp_path)
     run_dir = only_run(tmp_path)
     assert set(os.listdir(run_dir)) >= {"checkpoint.pt"} and "adapters.pt" not in os.listdir(run_dir)
     s = scalars(run_dir)

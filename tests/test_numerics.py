@@ -278,3 +278,27 @@ def test_chunk_minibatches_layout(script):
                     assert mb["obs"][n, l, b, 0] == code(t0 + l, n, e) == mb["returns"][n, l, b]
                     assert mb["masks"][l, b] == code(t0 + l, 0, e)
     assert sorted(starts) == sorted((t, e) for t in range(0, T, L) for e in range(E))
+
+
+def test_load_actor_across_share_modes(script):
+    """A --share-mode ps actor loads into a lorasa actor (adapters keep their dW = 0 init) and a lorasa actor's
+    shared weights load into a ps actor (its adapters are dropped); other mismatches are refused."""
+    torch.manual_seed(9)
+    ps = script.Actor(9, 3, 2, make_args(script, share_mode="ps"))
+    perturb(ps.parameters())
+    lorasa = script.Actor(9, 3, 2, make_args(script, share_mode="lorasa"))
+    init_A = lorasa.trunk.fcs["fc1"].lora_A[1].detach().clone()
+    script.load_actor(lorasa, ps.state_dict())
+    for k, v in ps.state_dict().items():
+        assert torch.equal(lorasa.state_dict()[k], v), k
+    assert torch.equal(lorasa.trunk.fcs["fc1"].lora_A[1], init_A)
+    script.set_lora(lorasa, True)
+    obs, h, m = torch.randn(2, 3, 4, 9), torch.zeros(2, 4, 64), torch.ones(3, 4)
+    torch.testing.assert_close(lorasa(obs, h, m)[0], ps(obs, h, m)[0])  # the fine-tuning starts at the ps policy
+    back = script.Actor(9, 3, 2, make_args(script, share_mode="ps"))
+    script.load_actor(back, lorasa.state_dict())
+    torch.testing.assert_close(back(obs, h, m)[0], ps(obs, h, m)[0])
+    with pytest.raises(SystemExit):
+        script.load_actor(script.Actor(9, 3, 2, make_args(script, share_mode="nps")), ps.state_dict())
+    with pytest.raises(SystemExit):
+        script.load_actor(script.Actor(10, 3, 2, make_args(script, share_mode="ps")), ps.state_dict())
