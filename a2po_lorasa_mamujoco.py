@@ -49,7 +49,9 @@ Reference quirks kept (KEEP-FOR-FIDELITY, each commented where it happens):
   14 ppo loop: the others' product runs over all other agents (--a2po-others reference|preceding); 15 the default
   trace applies lambda twice (--trace-lambda-squared); 23 trace ratios one step at a time from the stored rollout
   hidden states, V_t stale under the current value normaliser; 24 order score |A / V| with normalised V.
-Environment: v5 MuJoCo tasks (the reference used gym v2 with mujoco-py), so returns are not comparable with the paper.
+Also: every evaluation reseeds its envs with the same seeds; on --resume the training envs start fresh episodes
+(simulator states are not checkpointed). Environment: v5 MuJoCo tasks (the reference used gym v2 with mujoco-py), so
+returns are not comparable with the paper.
 """
 
 # ==== 2. IMPORTS ====
@@ -240,10 +242,8 @@ def finalize_args(args):
     if args.resume or args.eval_only:  # the checkpoint's own task, shape and settings; only these come from the CLI
         cli = ("cuda", "checkpoint", "resume", "eval_only", "run_dir", "async_envs") + (EVAL_KEYS if args.eval_only else ())
         keep = {k: getattr(args, k) for k in cli}
-        if args.resume and args.total_timesteps is None:
-            keep["total_timesteps"] = ckpt["args"]["total_timesteps"]
-        elif args.resume:
-            keep["total_timesteps"] = args.total_timesteps
+        if args.resume:  # a longer run may be asked for; otherwise the checkpoint's own length
+            keep["total_timesteps"] = args.total_timesteps or ckpt["args"]["total_timesteps"]
         args = Args(**{**{k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__}, **keep})
         args.lora_layers = tuple(args.lora_layers)
     args.total_timesteps = 12_000_000 if args.total_timesteps is None else args.total_timesteps
@@ -358,13 +358,11 @@ class MaMuJoCoEnv(gym.Env):
         self.obs_sizes = [state_len if self.global_obs else self.env.observation_space(a).shape[0] for a in self.agents]
         self.act_sizes = [self.env.action_space(a).shape[0] for a in self.agents]
         self.obs_dim, self.state_dim, self.act_dim = max(self.obs_sizes) + n, state_len + n, max(self.act_sizes)
-        self.episode_limit = max_episode_steps
         self.act_mask = np.zeros((n, self.act_dim), np.float32)  # 1 on real action dims, 0 on padding
         for i, k in enumerate(self.act_sizes):
             self.act_mask[i, :k] = 1
         spaces = [self.env.action_space(a) for a in self.agents]  # FIX 1: a in [-1, 1] -> low + (a + 1)(high - low)/2
         self.scale, self.offset = [(s.high - s.low) / 2 for s in spaces], [(s.high + s.low) / 2 for s in spaces]
-        self.unit_box = all((s.low == -1).all() and (s.high == 1).all() for s in spaces)  # then the map is the identity
         self.obs, self.state = np.zeros((n, self.obs_dim), np.float32), np.zeros((n, self.state_dim), np.float32)
         self.obs[:, -n:] = self.state[:, -n:] = np.eye(n, dtype=np.float32)  # one-hot agent ids
         self.observation_space = gym.spaces.Dict(
@@ -386,8 +384,7 @@ class MaMuJoCoEnv(gym.Env):
 
     def step(self, action):
         # FIX 1: map [-1, 1] affinely onto the joint bounds (Humanoid: +-0.4); padded dims are dropped here
-        acts = {a: action[i, : k] if self.unit_box else self.offset[i] + self.scale[i] * action[i, : k]
-                for i, (a, k) in enumerate(zip(self.agents, self.act_sizes))}
+        acts = {a: self.offset[i] + self.scale[i] * action[i, :k] for i, (a, k) in enumerate(zip(self.agents, self.act_sizes))}
         obs, rew, term, trunc, _ = self.env.step(acts)
         a0 = self.agents[0]  # shared reward and flags: identical for every agent
         return self._observe(obs), float(rew[a0]), bool(term[a0]), bool(trunc[a0]), {}
@@ -464,8 +461,7 @@ class LoRALinear(nn.Module):
     each agent's optimiser and gradient clip see only its own group; the forward stacks them and computes all agents
     in one batched matmul. Input (n_agents, ..., in) -> (n_agents, ..., out)."""
 
-    def __init__(self, n_in, n_out, n_agents, mode, adapt, rank=8, alpha=8.0, gain=1.0, lora_init="reference",
-                 train_bias=False):
+    def __init__(self, n_in, n_out, n_agents, mode, adapt, rank=8, alpha=8.0, gain=1.0, lora_init="reference"):
         super().__init__()
         self.mode, self.adapt, self.lora_on, self.cache = mode, mode == "lorasa" and adapt, False, None
         if mode == "nps":
@@ -483,9 +479,8 @@ class LoRALinear(nn.Module):
                 a_init, b_init = (lambda: kaiming(rank, n_in)), (lambda: torch.zeros(n_out, rank))
             self.lora_A = nn.ParameterList([a_init() for _ in range(n_agents)])
             self.lora_B = nn.ParameterList([b_init() for _ in range(n_agents)])
-            # KEEP 18: per-agent biases exist (init 0) but train only with --train-agent-bias
-            self.lora_bias = nn.ParameterList([nn.Parameter(torch.zeros(n_out), requires_grad=train_bias)
-                                               for _ in range(n_agents)])
+            # KEEP 18: per-agent biases exist (init 0); start_phase trains them only with --train-agent-bias
+            self.lora_bias = nn.ParameterList([torch.zeros(n_out) for _ in range(n_agents)])
 
     def weights(self, agents=None):
         """(W, b) as used by the forward: shared (out, in), (out,) or per agent (n, out, in), (n, 1, out)."""
@@ -513,9 +508,7 @@ class LoRALinear(nn.Module):
         return torch.baddbmm(b, x.flatten(1, -2), w.mT).view(*x.shape[:-1], -1)  # one batched op over agents
 
     def delta_norms(self):
-        """||s B_i A_i||_F per agent (zeros when not adapted)."""
-        if not self.adapt:
-            return torch.zeros(0)
+        """||s B_i A_i||_F per agent (adapted layers only)."""
         with torch.no_grad():
             return self.scaling * torch.linalg.matrix_norm(torch.bmm(stack(self.lora_B, None), stack(self.lora_A, None)))
 
@@ -587,7 +580,7 @@ class Trunk(nn.Module):
     def __init__(self, n_in, args, n_agents, mode):
         super().__init__()
         H, per_agent, layers = args.hidden_size, mode == "nps", args.lora_layers if mode == "lorasa" else ()
-        lora_kw = dict(rank=args.rank, alpha=args.lora_alpha, lora_init=args.lora_init, train_bias=args.train_agent_bias)
+        lora_kw = dict(rank=args.rank, alpha=args.lora_alpha, lora_init=args.lora_init)
         self.recurrent = args.recurrent
         self.feature_norm = MALayerNorm(n_in, n_agents, per_agent)
         dims = {"fc1": (n_in, H), "fc2a": (H, H), "fc2b": (H, H), "fc_post": (H, H)}
@@ -621,15 +614,17 @@ def set_lora(model, on):
             m.lora_on, m.cache = on, None
 
 
-def merge(model):
-    """Precompute every layer's per-agent weights for rollouts and evaluation (call after each update)."""
-    for m in model.modules():
+def merge(*models):
+    """Precompute every layer's per-agent weights (and the std) for rollouts and evaluation; call after each update.
+    The merged weights are used only under no_grad, so training always sees the live parameters."""
+    for m in (m for model in models for m in model.modules()):
         if hasattr(m, "cache"):
             m.merge()
 
 
-def unmerge(model):
-    for m in model.modules():
+def unmerge(*models):
+    """Drop merged weights (before an update, whose no_grad forwards must see the parameters as they change)."""
+    for m in (m for model in models for m in model.modules()):
         if hasattr(m, "cache"):
             m.cache = None
 
@@ -667,8 +662,7 @@ class Actor(nn.Module):
         mode = args.share_mode
         self.trunk = Trunk(obs_dim, args, n_agents, mode)
         self.head = LoRALinear(args.hidden_size, act_dim, n_agents, mode, "head" in args.lora_layers, gain=0.01,
-                               rank=args.rank, alpha=args.lora_alpha, lora_init=args.lora_init,
-                               train_bias=args.train_agent_bias)
+                               rank=args.rank, alpha=args.lora_alpha, lora_init=args.lora_init)
         if mode == "nps":
             self.log_std_i = nn.ParameterList([torch.ones(act_dim) for _ in range(n_agents)])
         else:
@@ -1018,19 +1012,22 @@ def update(args, actor, critic, value_norm, actor_optims, actor_groups, critic_o
         stats["value_loss"].append(v_loss.item() * N)
 
     def turn(i, P, eps):
-        """One agent's epochs: [two-stage: a critic-only pass over its minibatches], then actor + critic steps."""
+        """One agent's epochs: [two-stage: a critic-only pass over its minibatches], then actor + critic steps.
+        Only the rows this turn reads are chunked: agent i (row 0), then its predecessors P (rows 1...)."""
         opt, group = (actor_optims[0], actor_groups[0]) if phase == "ps" else (actor_optims[i], actor_groups[i])
+        rows = [i, *P]  # advantages and targets do not change within a turn
+        full = {k: v[:, rows] if v.dim() > 2 else v for k, v in dict(data, advantages=adv, returns=targets).items()}
         for _ in range(1 if args.a2po_loop == "ppo" else args.update_epochs):
-            full = dict(data, advantages=adv, returns=targets)
+            mbs = list(chunk_minibatches(full, T, args.data_chunk_length, args.num_minibatches))
             if args.two_stage:
-                for mb in chunk_minibatches(full, T, args.data_chunk_length, args.num_minibatches):
-                    critic_step(i, pick(mb, [i]))
-            for mb in chunk_minibatches(full, T, args.data_chunk_length, args.num_minibatches):
-                mb_i, g = pick(mb, [i]), None
+                for mb in mbs:
+                    critic_step(i, pick(mb, [0]))
+            for mb in mbs:
+                mb_i, g = pick(mb, [0]), None
                 if P:  # no_grad: the preceding agents' current ratios on the same samples (FIX 10)
                     with torch.no_grad():
-                        mean, std, _ = actor(mb["obs"][P], mb["actor_h"][P], mb["masks"], agents=P)
-                        r = mean_ratio(squashed_log_prob(mean, std, mb["actions"][P]), mb["logprobs"][P], m_act[P][:, None])
+                        mean, std, _ = actor(mb["obs"][1:], mb["actor_h"][1:], mb["masks"], agents=P)
+                        r = mean_ratio(squashed_log_prob(mean, std, mb["actions"][1:]), mb["logprobs"][1:], m_act[P][:, None])
                         prod = r.prod(0, keepdim=True)
                         g = prod.clamp(1 - args.others_clip_coef, 1 + args.others_clip_coef)  # clipped as a whole
                     stats["others_ratio"].append(prod.flatten())
@@ -1337,6 +1334,7 @@ if __name__ == "__main__":
                 print(f"  phase switch at step {global_step}: shared actor frozen, adapters on")
             # ---- rollout: one batched policy call for all envs and agents per step ----
             t_roll, t_env, finished, finals = time.time(), 0.0, [], []
+            rew_np, term_np, trunc_np = np.zeros((T, E)), np.zeros((T, E), bool), np.zeros((T, E), bool)
             # one thread while the envs step: idle PyTorch worker threads spin after each small matmul and slow the
             # env steps on the other core (measured: +70% rollout speed on 2 cores); all threads again for the update
             torch.set_num_threads(1)
@@ -1353,23 +1351,24 @@ if __name__ == "__main__":
                     final_state = torch.as_tensor(obs["state"], device=device).transpose(0, 1)
                     obs, _ = envs.reset(options={"reset_mask": done})
                 t_env += time.time() - t0
+                rew_np[t], term_np[t], trunc_np[t] = reward, term, trunc
                 ep_return += reward
                 ep_length += 1
-                buf.rewards[t] = torch.as_tensor(reward, device=device)
                 buf.obs[t + 1] = torch.as_tensor(obs["obs"], device=device).transpose(0, 1)
                 buf.state[t + 1] = torch.as_tensor(obs["state"], device=device).transpose(0, 1)
                 buf.masks[t + 1] = torch.as_tensor(1.0 - done, device=device)
-                boot = trunc & ~term  # a time-limit truncation (termination wins if both)
-                # reference (--no-truncation-bootstrap): b_{t+1} = 0 zeroes the truncated step's advantage
-                buf.bad_masks[t + 1] = torch.as_tensor(1.0 - (boot & (not args.truncation_bootstrap)), device=device)
-                buf.boot[t] = torch.as_tensor(boot & args.truncation_bootstrap, device=device)
-                if buf.boot[t].any():  # FIX 21: keep the true final state to bootstrap from after the rollout
-                    k = np.flatnonzero(boot)
-                    finals += [(t, int(e), final_state[:, e]) for e in k]
+                if args.truncation_bootstrap and (trunc & ~term).any():  # FIX 21: keep the true final state
+                    finals += [(t, int(e), final_state[:, e]) for e in np.flatnonzero(trunc & ~term)]
                 for k in np.flatnonzero(done):
                     finished.append((ep_return[k], ep_length[k]))
                     ep_return[k], ep_length[k] = 0, 0
                 global_step += E
+            boot = torch.as_tensor(trunc_np & ~term_np, device=device)  # time-limit truncations (termination wins)
+            buf.rewards.copy_(torch.as_tensor(rew_np, device=device))
+            # FIX 21: bootstrapped truncations enter the rewards below; reference (--no-truncation-bootstrap):
+            # b_{t+1} = 0 zeroes the truncated step's advantage
+            buf.boot.copy_(boot & args.truncation_bootstrap)
+            buf.bad_masks[1:] = 1.0 - (boot & (not args.truncation_bootstrap)).float()
             with torch.inference_mode():
                 buf.logprobs.copy_(squashed_log_prob(buf.means, std[:, 0], buf.actions))  # std is state-independent
                 # The critic's inputs never depend on its outputs, so it runs once over the whole rollout as a
@@ -1396,11 +1395,11 @@ if __name__ == "__main__":
             adv = (adv - adv.mean()) / (adv.std(correction=0) + 1e-5)  # pooled over (t, env, agent), all active
             data = dict(obs=buf.obs, state=buf.state, actor_h=buf.actor_h, critic_h=buf.critic_h, masks=buf.masks,
                         actions=buf.actions, logprobs=buf.logprobs, values=buf.values, returns=returns)
-            unmerge(actor), unmerge(critic)
+            unmerge(actor, critic)
             ctx = dict(rewards=rewards, bad_masks=buf.bad_masks, iteration=iteration)
             stats = update(args, actor, critic, value_norm, actor_optims, actor_groups, critic_optim, data, adv, phase,
                            act_mask, ctx)
-            merge(actor), merge(critic)  # rollouts and evaluation use the merged weights
+            merge(actor, critic)  # rollouts and evaluation use the merged weights
             buf.roll()
             t_up = time.time() - t_up
 
@@ -1420,8 +1419,8 @@ if __name__ == "__main__":
             writer.add_scalar("perf/SPS_env", args.batch_size / max(t_env, 1e-9), global_step)
             writer.add_scalar("perf/SPS_update", args.batch_size / max(t_up, 1e-9), global_step)
             writer.add_scalar("lorasa/trainable_params", param_count(p for g in actor_groups for p in g), global_step)
-            delta = torch.stack([m.delta_norms() for m in lora_modules(actor) if m.adapt]).sum(0) \
-                if actor.lora_on and any(m.adapt for m in lora_modules(actor)) else torch.zeros(N)
+            adapted = [m for m in lora_modules(actor) if m.adapt] if actor.lora_on else []
+            delta = sum(m.delta_norms() for m in adapted) if adapted else torch.zeros(N)
             log_std = actor.log_std_of(list(range(N))).mean(-1)
             for i in range(N):
                 writer.add_scalar(f"lorasa/delta_norm/agent_{i}", delta[i].item(), global_step)

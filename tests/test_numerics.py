@@ -18,7 +18,7 @@ def perturb(params, std=0.3, seed=0):
 def test_lora_linear_equals_per_agent_loop_and_merged_weights(script):
     torch.manual_seed(0)
     N, I, O, r, alpha = 3, 5, 7, 2, 4.0
-    layer = script.LoRALinear(I, O, N, "lorasa", True, rank=r, alpha=alpha, train_bias=True)
+    layer = script.LoRALinear(I, O, N, "lorasa", True, rank=r, alpha=alpha)
     layer.lora_on = True
     perturb(list(layer.lora_A) + list(layer.lora_B) + list(layer.lora_bias))
     x = torch.randn(N, 4, 6, I)
