@@ -1,12 +1,15 @@
-"""Benchmark of a MaMuJoCo trainer script (not a test): raw env throughput vs the trainer's rollout and training SPS
-on the same envs, update time per iteration in ps / lorasa / nps mode, and the parameter counts.
+"""Benchmark (not a test) of a MaMuJoCo trainer script: raw env throughput against the trainer's rollout on the same
+envs, and the update time per iteration in each share mode, read from the trainer's TensorBoard events.
 
     python benchmarks/bench_mamujoco.py --script mappo_lorasa_mamujoco.py --scenario HalfCheetah --agent-conf 2x3
+    python benchmarks/bench_mamujoco.py --modes lorasa --parallel 2 --threads 1   # two runs side by side
 
-Raw throughput steps the same vector env the trainer uses (gymnasium SyncVectorEnv of the script's adapters, with
-the script's own reset handling) with uniform random actions, and the bare PettingZoo envs in a plain loop.
-The trainer runs in a subprocess; its numbers come from its TensorBoard events (perf/rollout_s, perf/update_s).
+Raw throughput steps the trainer's own vector env (gymnasium SyncVectorEnv of the script's adapters, finished envs
+reset as in the trainer) with uniform random actions, and the bare PettingZoo envs in a plain loop; bursts are
+interleaved with the trainer runs because this machine's speed drifts. The most reliable rollout figure is the
+rollout's share of the env time inside the same iterations (perf/SPS_env against the rollout's steps per second).
 """
+
 import argparse
 import glob
 import importlib.util
@@ -24,108 +27,101 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load(script):
     spec = importlib.util.spec_from_file_location(script[:-3], os.path.join(ROOT, script))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def raw_vector_env_sps(mod, a, steps):
-    """The trainer's own envs (make_envs: adapters stepped in lockstep), random actions, resets as in the trainer."""
-    args, _ = mod.finalize_args(mod.Args(scenario=a.scenario, agent_conf=a.agent_conf, num_envs=a.num_envs))
-    envs, _ = mod.make_envs(args, a.num_envs, [k for k in range(a.num_envs)])
+def raw_vector_env_sps(module, options, steps):
+    args = module.finalize_args(module.Args(scenario=options.scenario, agent_conf=options.agent_conf))
+    envs, _ = module.make_envs(args, list(range(options.num_envs)))
     rng = np.random.default_rng(0)
-    shape = envs.single_action_space.shape
-    t0 = time.perf_counter()
+    start = time.perf_counter()
     for _ in range(steps):
-        _, _, term, trunc, _ = envs.step(rng.uniform(-1, 1, (a.num_envs, *shape)).astype(np.float32))
-        if (term | trunc).any():
-            envs.reset(options={"reset_mask": term | trunc})
-    sps = steps * a.num_envs / (time.perf_counter() - t0)
+        _, _, terminated, truncated, _ = envs.step(rng.uniform(-1, 1, envs.action_space.shape).astype(np.float32))
+        if (terminated | truncated).any():
+            envs.reset(options={"reset_mask": terminated | truncated})
+    sps = steps * options.num_envs / (time.perf_counter() - start)
     envs.close()
     return sps
 
 
-def raw_pettingzoo_sps(mod, a, steps):
-    envs = [mod.MaMuJoCoEnv(a.scenario, a.agent_conf).env for _ in range(a.num_envs)]
-    for k, e in enumerate(envs):
-        e.reset(seed=k)
+def raw_pettingzoo_sps(module, options, steps):
+    envs = [module.MaMuJoCoEnv(options.scenario, options.agent_conf).env for _ in range(options.num_envs)]
+    for k, env in enumerate(envs):
+        env.reset(seed=k)
     rng = np.random.default_rng(0)
-    t0 = time.perf_counter()
+    start = time.perf_counter()
     for _ in range(steps):
-        for e in envs:
-            acts = {ag: rng.uniform(-1, 1, e.action_space(ag).shape).astype(np.float32) for ag in e.possible_agents}
-            _, _, term, trunc, _ = e.step(acts)
-            if term[e.possible_agents[0]] or trunc[e.possible_agents[0]]:
-                e.reset()
-    return steps * a.num_envs / (time.perf_counter() - t0)
+        for env in envs:
+            actions = {agent: rng.uniform(-1, 1, env.action_space(agent).shape) for agent in env.possible_agents}
+            _, _, terminations, truncations, _ = env.step(actions)
+            if any(terminations.values()) or any(truncations.values()):
+                env.reset()
+    return steps * options.num_envs / (time.perf_counter() - start)
 
 
-def trainer(a, mode, extra=()):
-    with tempfile.TemporaryDirectory() as d:
-        cmd = [sys.executable, os.path.join(ROOT, a.script), "--scenario", a.scenario, "--agent-conf", a.agent_conf,
-               "--num-envs", str(a.num_envs), "--share-mode", mode, "--eval-interval", "1000000", "--eval-episodes", "1",
-               "--no-save-model", "--run-dir", d, *extra]
-        steps_per_iter = a.num_envs * a.num_steps
-        cmd += ["--num-steps", str(a.num_steps), "--total-timesteps", str(a.iterations * steps_per_iter),
-                "--lora-start", str(a.iterations // 2 * steps_per_iter)]
-        subprocess.run(cmd, check=True, cwd=d, stdout=subprocess.DEVNULL)
-        ea = EventAccumulator(glob.glob(os.path.join(d, "*"))[0], size_guidance={"scalars": 0})
-        ea.Reload()
-        get = lambda tag: np.array([e.value for e in ea.Scalars(tag)])
-        return dict(rollout_s=get("perf/rollout_s"), update_s=get("perf/update_s"), phase=get("charts/phase"),
-                    sps_env=get("perf/SPS_env"), sps=get("charts/SPS"), steps=steps_per_iter,
-                    counts={k: ea.Scalars(f"lorasa/{k}")[0].value for k in
-                            ("shared_params", "adapter_params_per_agent", "nps_params", "critic_params")})
+def start_trainer(options, mode, folder):
+    steps = options.num_envs * options.num_steps
+    command = [sys.executable, os.path.join(ROOT, options.script), "--scenario", options.scenario, "--agent-conf",
+               options.agent_conf, "--num-envs", str(options.num_envs), "--num-steps", str(options.num_steps),
+               "--share-mode", mode, "--eval-interval", "1000000", "--eval-episodes", "1", "--no-save-model",
+               "--run-dir", folder, "--threads", str(options.threads), "--total-timesteps", str(options.iterations * steps),
+               "--lora-start", str(options.iterations // 2 * steps)]  # fmt: skip
+    return subprocess.Popen(command, cwd=folder, stdout=subprocess.DEVNULL)
+
+
+def read_run(folder):
+    accumulator = EventAccumulator(glob.glob(os.path.join(folder, "*__*"))[0], size_guidance={"scalars": 0})
+    accumulator.Reload()
+    tags = ("perf/rollout_s", "perf/update_s", "charts/phase", "perf/SPS_env")
+    return {tag: np.array([event.value for event in accumulator.Scalars(tag)]) for tag in tags}
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--script", default="mappo_lorasa_mamujoco.py")
-    p.add_argument("--scenario", default="HalfCheetah")
-    p.add_argument("--agent-conf", default="2x3")
-    p.add_argument("--num-envs", type=int, default=16)
-    p.add_argument("--num-steps", type=int, default=250)
-    p.add_argument("--iterations", type=int, default=8)
-    p.add_argument("--raw-steps", type=int, default=150)
-    p.add_argument("--repeats", type=int, default=2)
-    a = p.parse_args()
-    mod = load(a.script)
-    print(f"{a.script} {a.scenario} {a.agent_conf}: {a.num_envs} envs x {a.num_steps} steps, {a.iterations} iterations"
-          f" per run, {a.repeats} runs per mode; best / median over iterations after the first")
-    raw_vec, raw_pz, runs = [], [], {m: [] for m in ("lorasa", "ps", "nps")}
-    for _ in range(a.repeats):  # interleave raw bursts with the runs: this VM's speed drifts by tens of percent
-        for mode in runs:
-            for _ in range(2):
-                raw_vec.append(raw_vector_env_sps(mod, a, a.raw_steps))
-                raw_pz.append(raw_pettingzoo_sps(mod, a, a.raw_steps))
-            runs[mode].append(trainer(a, mode))
-    vec, pz = max(raw_vec), max(raw_pz)
-    print(f"raw env steps/s, random actions (best / median of {len(raw_vec)} bursts of {a.raw_steps} steps): "
-          f"trainer's envs {vec:.0f} / {np.median(raw_vec):.0f}; bare PettingZoo loop {pz:.0f} / {np.median(raw_pz):.0f}")
-    print("| mode, phase | rollout steps/s best / median | rollout / env time (same iterations) | best rollout / best raw"
-          " (trainer's envs, bare) | update s/iteration best / median | training SPS |")
-    print("|---|---|---|---|---|---|")
-    upd = {}
-    for mode, rs in runs.items():
-        for ph_name, ph in (("ps", 0), ("lora", 1), ("nps", 2)):
-            roll, env_frac, up, sps = [], [], [], []
-            for r in rs:
-                sel = np.flatnonzero(r["phase"] == ph)
-                sel = sel[sel > 0]  # the first iteration warms up
-                roll += list(r["steps"] / r["rollout_s"][sel])
-                env_frac += list(roll[-len(sel):] / r["sps_env"][sel]) if len(sel) else []
-                up += list(r["update_s"][sel])
-                sps.append(r["sps"][-1])
-            if not roll:
-                continue
-            upd[(mode, ph_name)] = up
-            print(f"| {mode}, {ph_name} | {max(roll):.0f} / {np.median(roll):.0f} | {np.median(env_frac):.0%} "
-                  f"| {max(roll) / vec:.0%}, {max(roll) / pz:.0%} | {min(up):.3f} / {np.median(up):.3f} "
-                  f"| {np.median(sps):.0f} |")
-    ratio = np.median(upd[("lorasa", "lora")]) / np.median(upd[("lorasa", "ps")])
-    ratio_best = min(upd[("lorasa", "lora")]) / min(upd[("lorasa", "ps")])
-    print(f"lorasa runs: phase-lora update / phase-ps update = {ratio:.2f}x median, {ratio_best:.2f}x best")
-    print("parameter counts:", {k: int(v) for k, v in runs["lorasa"][0]["counts"].items()})
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--script", default="mappo_lorasa_mamujoco.py")
+    parser.add_argument("--scenario", default="HalfCheetah")
+    parser.add_argument("--agent-conf", default="2x3")
+    parser.add_argument("--num-envs", type=int, default=16)
+    parser.add_argument("--num-steps", type=int, default=250)
+    parser.add_argument("--iterations", type=int, default=8)
+    parser.add_argument("--modes", nargs="+", default=["lorasa", "ps", "nps"])
+    parser.add_argument("--threads", type=int, default=1, help="the trainers' --threads")
+    parser.add_argument("--parallel", type=int, default=1, help="trainer processes started side by side per mode")
+    parser.add_argument("--raw-steps", type=int, default=150)
+    parser.add_argument("--repeats", type=int, default=2)
+    options = parser.parse_args()
+    module = load(options.script)
+    steps = options.num_envs * options.num_steps
+    print(f"{options.script} {options.scenario} {options.agent_conf}: {options.num_envs} envs x {options.num_steps} steps, "
+          f"{options.iterations} iterations, --threads {options.threads}, {options.parallel} run(s) at once")  # fmt: skip
+    raw_vector, raw_bare, runs = [], [], {mode: [] for mode in options.modes}
+    for _ in range(options.repeats):
+        for mode in options.modes:
+            raw_vector.append(raw_vector_env_sps(module, options, options.raw_steps))
+            raw_bare.append(raw_pettingzoo_sps(module, options, options.raw_steps))
+            folders = [tempfile.mkdtemp() for _ in range(options.parallel)]
+            processes = [start_trainer(options, mode, folder) for folder in folders]
+            assert all(process.wait() == 0 for process in processes)
+            runs[mode] += [read_run(folder) for folder in folders]
+    best_vector, best_bare = max(raw_vector), max(raw_bare)
+    print(f"raw env steps/s (best / median of {len(raw_vector)} bursts): trainer's envs {best_vector:.0f} / "
+          f"{np.median(raw_vector):.0f}, bare PettingZoo {best_bare:.0f} / {np.median(raw_bare):.0f}")  # fmt: skip
+    print("| mode, phase | rollout / env time, same iterations | best rollout / best raw (trainer's envs, bare) "
+          "| update s/iteration median (min-max) |\n|---|---|---|---|")  # fmt: skip
+    for mode, results in runs.items():
+        for phase_name, phase in (("ps", 0), ("lora", 1), ("nps", 2)):
+            rollout, env_share, update = [], [], []
+            for result in results:
+                index = np.flatnonzero(result["charts/phase"] == phase)
+                index = index[index > 0]  # the first iteration warms up
+                rollout += list(steps / result["perf/rollout_s"][index])
+                env_share += list(steps / result["perf/rollout_s"][index] / result["perf/SPS_env"][index])
+                update += list(result["perf/update_s"][index])
+            if rollout:
+                shares = f"{np.median(env_share):.0%} | {max(rollout) / best_vector:.0%}, {max(rollout) / best_bare:.0%}"
+                print(f"| {mode}, {phase_name} | {shares} | {np.median(update):.2f} ({min(update):.2f}-{max(update):.2f}) |")
 
 
 if __name__ == "__main__":

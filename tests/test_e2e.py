@@ -1,5 +1,7 @@
-"""Short end-to-end runs of each script on the real MaMuJoCo simulator (CleanRL-style smoke tests), checkpoint
-round trips (PS -> LoRA fine-tuning, --eval-only, --resume) and the one-line bad-input errors."""
+"""Short end-to-end runs of each script on the real MaMuJoCo simulator (CleanRL-style smoke tests), checkpoint round
+trips (PS -> LoRA fine-tuning with other adapter settings, --eval-only, --resume), paired seeds, divergence and the
+one-line bad-input errors."""
+
 import glob
 import os
 import signal
@@ -9,27 +11,27 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import MAMUJOCO, ROOT, load_script, make_args, present
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from conftest import ROOT, load_script, make_args, present_scripts
 
 # 4 iterations of 2 envs x 20 steps, 60-step episodes, the switch after 2 iterations
 TINY = ["--num-envs", "2", "--num-steps", "20", "--total-timesteps", "160", "--lora-start", "80", "--eval-interval", "2",
-        "--eval-episodes", "2", "--max-episode-steps", "60", "--run-dir", "runs"]
+        "--eval-episodes", "2", "--max-episode-steps", "60"]  # fmt: skip
+SHORT = ["--num-envs", "2", "--num-steps", "20", "--eval-episodes", "1", "--max-episode-steps", "30"]
 
 
 def run(script, args, cwd, check=True):
     res = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True, cwd=cwd,
-                         timeout=300)
+                         timeout=300)  # fmt: skip
     if check:
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return res
 
 
 def scalars(run_dir):
-    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    ea.Reload()
-    return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
 
 
 def only_run(cwd):
@@ -38,7 +40,11 @@ def only_run(cwd):
     return runs[0]
 
 
-@pytest.fixture(scope="module", params=present_scripts(), ids=lambda s: s[:-3])
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+@pytest.fixture(scope="module", params=present(MAMUJOCO), ids=lambda s: s[:-3])
 def lorasa_run(request, tmp_path_factory):
     """One lorasa run with the phase switch inside it, shared by the round-trip tests."""
     cwd = tmp_path_factory.mktemp(request.param[:-3])
@@ -49,7 +55,7 @@ def lorasa_run(request, tmp_path_factory):
 def test_lorasa_run_switches_phase_and_writes_everything(lorasa_run):
     script, cwd, run_dir, res = lorasa_run
     assert not os.path.exists(os.path.join(cwd, "MUJOCO_LOG.TXT"))
-    assert "phase switch at step 80" in res.stdout and "Traceback" not in res.stderr
+    assert "phase switch at step 80" in res.stdout and res.stderr == ""
     assert {"checkpoint.pt", "adapters.pt", "ps_checkpoint.pt"} <= set(os.listdir(run_dir))
     assert os.path.basename(run_dir).startswith(f"HalfCheetah-2x3-local1__{script[:-3]}__lorasa-r8__1__")
     s = scalars(run_dir)
@@ -59,103 +65,126 @@ def test_lorasa_run_switches_phase_and_writes_everything(lorasa_run):
                 "eval/episodic_return", "eval/episodic_length", "perf/rollout_s", "perf/update_s", "perf/eval_s",
                 "perf/SPS_env", "perf/SPS_update", "lorasa/shared_params", "lorasa/adapter_params_per_agent",
                 "lorasa/trainable_params", "lorasa/nps_params", "lorasa/delta_norm/agent_0", "lorasa/delta_norm/agent_1",
-                "lorasa/log_std/agent_1"]:
+                "lorasa/log_std/agent_1"]:  # fmt: skip
         assert tag in s, tag
     assert [v for _, v in s["charts/phase"]] == [0, 0, 1, 1]
     assert [st for st, _ in s["eval/episodic_return"]] == [0, 80, 160]
     if script.startswith("a2po"):  # agent order, clip per position, preceding-agent correction, trace statistics
         for tag in ["a2po/order_pos/agent_0", "a2po/order_pos/agent_1", "a2po/clip_eps/pos_1", "a2po/clip_eps/pos_2",
                     "a2po/others_ratio_mean", "a2po/others_ratio_min", "a2po/others_ratio_max", "a2po/trace_rho_mean",
-                    "a2po/trace_trunc_frac", "a2po/trace_adv_gap"]:
+                    "a2po/trace_trunc_frac", "a2po/trace_adv_gap"]:  # fmt: skip
             assert tag in s, tag
         assert sorted([s["a2po/order_pos/agent_0"][-1][1], s["a2po/order_pos/agent_1"][-1][1]]) == [1, 2]
         assert abs(s["a2po/clip_eps/pos_1"][0][1] - 0.15) < 1e-6 and abs(s["a2po/clip_eps/pos_2"][0][1] - 0.2) < 1e-6
-    obs_dim, n_out = 7 + 2, 3  # counts as lorasa.md section 3 (+ the Gaussian log-std / its per-agent offset)
+    obs_dim, n_out = 7 + 2, 3  # the counts of docs/method.md §3 (+ the Gaussian log-std or its per-agent offset)
     assert s["lorasa/shared_params"][0][1] == 66 * obs_dim + 38144 + 65 * n_out + n_out
     assert s["lorasa/adapter_params_per_agent"][0][1] == 8 * obs_dim + 8192 + 8 * n_out + n_out
     assert [v for _, v in s["lorasa/trainable_params"]][-1] == 2 * (8 * obs_dim + 8192 + 8 * n_out + n_out)
     assert s["lorasa/delta_norm/agent_0"][1][1] == 0 and s["lorasa/delta_norm/agent_0"][-1][1] > 0
-    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
-    ps = torch.load(os.path.join(run_dir, "ps_checkpoint.pt"), weights_only=True)
+    ckpt = load(os.path.join(run_dir, "checkpoint.pt"))
+    ps = load(os.path.join(run_dir, "ps_checkpoint.pt"))
     assert {"args", "global_step", "iteration", "phase", "actor", "critic", "value_norm", "actor_optim", "critic_optim",
-            "rng"} <= set(ckpt)
+            "rng", "versions"} <= set(ckpt)  # fmt: skip
     assert (ckpt["phase"], ckpt["global_step"], ps["phase"], ps["global_step"]) == ("lora", 160, "ps", 80)
-    assert len(ckpt["actor_optim"]) == 2 and ckpt["value_norm"]["d"].shape == (2,)
+    assert len(ckpt["actor_optim"]) == 2 and ckpt["value_norm"]["debiasing_term"].shape == (2,)
     for k, v in ps["actor"].items():  # frozen through phase lora: every shared actor tensor is bit-identical
         if "lora_" not in k:
             assert torch.equal(v, ckpt["actor"][k]), k
     assert not torch.equal(ps["critic"]["head.weight"], ckpt["critic"]["head.weight"])  # the critic kept training
-    ad = torch.load(os.path.join(run_dir, "adapters.pt"), weights_only=True)
-    assert ad["trunk.fcs.fc1"]["A"].shape == (2, 8, obs_dim) and ad["trunk.fcs.fc1"]["B"].shape == (2, 64, 8)
-    assert ad["head"]["A"].shape == (2, 8, 64) and ad["head"]["B"].shape == (2, n_out, 8)
-    assert ad["trunk.gru.gru_h"]["B"].shape == (2, 192, 8) and ad["head"]["scaling"] == 1.0
-    assert torch.equal(ad["trunk.fcs.fc1"]["A"][1], ckpt["actor"]["trunk.fcs.fc1.lora_A.1"])
+    adapters = load(os.path.join(run_dir, "adapters.pt"))
+    assert adapters["fcs.fc1"]["A"].shape == (2, 8, obs_dim) and adapters["fcs.fc1"]["B"].shape == (2, 64, 8)
+    assert adapters["head"]["A"].shape == (2, 8, 64) and adapters["head"]["B"].shape == (2, n_out, 8)
+    assert adapters["gru_h"]["B"].shape == (2, 192, 8) and adapters["head"]["scaling"] == 1.0
+    assert adapters["log_std_offset"].shape == (2, n_out)
+    assert torch.equal(adapters["fcs.fc1"]["A"][1], ckpt["actor"]["fcs.fc1.lora_A.1"])
 
 
-@pytest.mark.parametrize("script", present_scripts(), ids=lambda s: s[:-3])
+def test_paired_seeds_lorasa_equals_ps_until_the_switch(lorasa_run, tmp_path):
+    """FIX 29: the lorasa run's shared policy at --lora-start is bit-identical to the ps run of the same seed there."""
+    script = lorasa_run[0]
+    run(script, TINY[:4] + ["--total-timesteps", "80", "--eval-interval", "2", "--eval-episodes", "2",
+                            "--max-episode-steps", "60", "--share-mode", "ps"], tmp_path)  # fmt: skip
+    ps_run = load(os.path.join(only_run(tmp_path), "checkpoint.pt"))
+    lorasa_switch = load(os.path.join(lorasa_run[2], "ps_checkpoint.pt"))
+    assert ps_run["global_step"] == lorasa_switch["global_step"] == 80
+    for key, value in ps_run["actor"].items():
+        assert torch.equal(value, lorasa_switch["actor"][key]), key
+    for key, value in ps_run["critic"].items():
+        assert torch.equal(value, lorasa_switch["critic"][key]), key
+
+
+@pytest.mark.parametrize("script", present(MAMUJOCO), ids=lambda s: s[:-3])
 @pytest.mark.parametrize("mode", ["ps", "nps"])
 def test_baseline_share_modes_run(script, mode, tmp_path):
-    extra = ["--async-envs"] if (script, mode) == ("mappo_lorasa_mamujoco.py", "ps") else []  # subprocess envs once
-    run(script, TINY[:4] + ["--total-timesteps", "80", "--eval-interval", "5", "--eval-episodes", "1",
-                            "--max-episode-steps", "30", "--run-dir", "runs", "--share-mode", mode, *extra], tmp_path)
+    extra = ["--async-envs", "--threads", "2"] if (script, mode) == ("mappo_lorasa_mamujoco.py", "ps") else []
+    run(script, SHORT + ["--total-timesteps", "80", "--eval-interval", "5", "--share-mode", mode, *extra], tmp_path)
     run_dir = only_run(tmp_path)
     assert set(os.listdir(run_dir)) >= {"checkpoint.pt"} and "adapters.pt" not in os.listdir(run_dir)
-    s = scalars(run_dir)
-    assert set(v for _, v in s["charts/phase"]) == {0 if mode == "ps" else 2}
-    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
-    assert len(ckpt["actor_optim"]) == (1 if mode == "ps" else 2)
+    assert set(v for _, v in scalars(run_dir)["charts/phase"]) == {0 if mode == "ps" else 2}
+    assert len(load(os.path.join(run_dir, "checkpoint.pt"))["actor_optim"]) == (1 if mode == "ps" else 2)
 
 
 def test_a2po_ppo_loop_and_options_run(tmp_path):
-    run("a2po_lorasa_mamujoco.py", TINY[:4] + ["--total-timesteps", "80", "--lora-start", "40", "--eval-interval", "5",
-                                               "--eval-episodes", "1", "--max-episode-steps", "30", "--run-dir", "runs",
-                                               "--scenario", "Walker2d", "--agent-conf", "3x2", "--a2po-loop", "ppo",
-                                               "--trace-variant", "retrace", "--no-two-stage", "--a2po-order", "random"],
-        tmp_path)
+    run("a2po_lorasa_mamujoco.py", SHORT + ["--total-timesteps", "80", "--lora-start", "40", "--eval-interval", "5",
+                                            "--scenario", "Walker2d", "--agent-conf", "3x2", "--a2po-loop", "ppo",
+                                            "--trace-variant", "retrace", "--no-two-stage", "--a2po-order", "random"],
+        tmp_path)  # fmt: skip
     s = scalars(only_run(tmp_path))
     eps = [s[f"a2po/clip_eps/pos_{k}"][-1][1] for k in (1, 2, 3)]
     assert np.allclose(eps, [0.2 * (0.5 + 0.5 / 3)] * 3)  # KEEP 13: the ppo loop gives everyone the first clip
 
 
-def test_ps_checkpoint_starts_lora_finetuning(lorasa_run, tmp_path):
+def test_ps_checkpoint_starts_lora_with_this_runs_adapters(lorasa_run, tmp_path):
+    """A PS checkpoint gives the shared weights only: another rank, init and seed work, and the adapters start as this
+    run builds them (checked after one iteration at a negligible learning rate), not as the old run's."""
     script, _, run_dir, _ = lorasa_run
-    res = run(script, TINY[:4] + ["--total-timesteps", "160", "--eval-interval", "10", "--eval-episodes", "1",
-                                  "--max-episode-steps", "60", "--run-dir", "runs", "--checkpoint",
-                                  os.path.join(run_dir, "ps_checkpoint.pt")], tmp_path)
-    s = scalars(only_run(tmp_path))
-    assert [st for st, _ in s["charts/phase"]] == [120, 160]  # the x-axis continues from the PS checkpoint's step 80
-    assert [v for _, v in s["charts/phase"]] == [1, 1] and "phase switch" not in res.stdout
+    module = load_script(script)
+    for seed in ("3", "4"):
+        cwd = tmp_path / seed
+        cwd.mkdir()
+        extra = ["--rank", "4", "--lora-init", "standard", "--seed", seed, "--learning-rate", "1e-12"]
+        res = run(script, SHORT + ["--total-timesteps", "120", "--eval-interval", "10", "--checkpoint",
+                                   os.path.join(run_dir, "ps_checkpoint.pt"), *extra], cwd)  # fmt: skip
+        s = scalars(only_run(cwd))
+        assert [st for st, _ in s["charts/phase"]] == [120] and [v for _, v in s["charts/phase"]] == [1]
+        assert "phase switch" not in res.stdout  # fine-tuning from the first iteration; the x-axis continues from 80
+        trained = load(os.path.join(only_run(cwd), "checkpoint.pt"))["actor"]
+        torch.manual_seed(0)  # the global RNG does not matter: the adapters have their own generator
+        fresh = module.GaussianActor(9, 3, 2, make_args(module, rank=4, lora_init="standard", seed=int(seed))).state_dict()
+        for key, value in fresh.items():
+            if "lora_" in key:
+                torch.testing.assert_close(trained[key], value, atol=1e-8, rtol=0)
+        assert trained["fcs.fc1.lora_A.0"].shape == (4, 9) and trained["fcs.fc1.lora_B.0"].abs().max() < 1e-10
 
 
 def test_eval_only_round_trip(lorasa_run, tmp_path):
     """--eval-only on the final checkpoint reproduces the run's last evaluation (same seeds, greedy, merged)."""
     script, _, run_dir, _ = lorasa_run
     res = run(script, ["--checkpoint", os.path.join(run_dir, "checkpoint.pt"), "--eval-only", "--eval-episodes", "2",
-                       "--max-episode-steps", "60", "--run-dir", "runs"], tmp_path)
+                       "--max-episode-steps", "60"], tmp_path)  # fmt: skip
     last = scalars(run_dir)["eval/episodic_return"][-1][1]
-    assert f"return {last:.2f} " in res.stdout, (res.stdout, last)
-    assert not os.path.exists(tmp_path / "runs")  # evaluation writes nothing
+    assert f"return {last:.2f}," in res.stdout, (res.stdout, last)
+    assert os.listdir(tmp_path) == []  # evaluation writes nothing
 
 
 def test_resume_continues_step_count(lorasa_run, tmp_path):
     script, _, run_dir, _ = lorasa_run
     copy = tmp_path / "run"
     copy.mkdir()
-    for f in os.listdir(run_dir):
-        (copy / f).write_bytes(open(os.path.join(run_dir, f), "rb").read())
+    for name in os.listdir(run_dir):
+        (copy / name).write_bytes(open(os.path.join(run_dir, name), "rb").read())
     run(script, ["--checkpoint", str(copy / "checkpoint.pt"), "--resume", "--total-timesteps", "240"], tmp_path)
-    s = scalars(copy)
-    assert [st for st, _ in s["charts/phase"]] == [40, 80, 120, 160, 200, 240]
-    ckpt = torch.load(copy / "checkpoint.pt", weights_only=True)
+    assert [st for st, _ in scalars(copy)["charts/phase"]] == [40, 80, 120, 160, 200, 240]
+    ckpt = load(copy / "checkpoint.pt")
     assert (ckpt["global_step"], ckpt["iteration"], ckpt["phase"]) == (240, 6, "lora")
-    assert not os.path.exists(tmp_path / "runs")  # resumed in its own folder
+    assert os.listdir(tmp_path) == ["run"]  # resumed in its own folder
 
 
 def test_ctrl_c_saves_a_checkpoint(tmp_path):
     """SIGINT (Ctrl-C) mid-run: the iteration in progress finishes, a checkpoint is saved atomically, exit 130."""
-    cmd = [sys.executable, os.path.join(ROOT, "mappo_lorasa_mamujoco.py"), *TINY[:4], "--total-timesteps", "400000",
-           "--eval-interval", "100000", "--eval-episodes", "1", "--max-episode-steps", "30", "--run-dir", "runs"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, os.path.join(ROOT, "mappo_lorasa_mamujoco.py"), *SHORT, "--total-timesteps", "400000",
+               "--eval-interval", "100000"]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stdout:
             if line.startswith("iter 2/"):
@@ -166,67 +195,95 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path):
         proc.kill()
     assert proc.returncode == 130, err
     run_dir = only_run(tmp_path)
-    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    ckpt = load(os.path.join(run_dir, "checkpoint.pt"))
     assert ckpt["global_step"] >= 80 and ckpt["global_step"] % 40 == 0 and "checkpoint of step" in err
     assert ckpt["iteration"] == ckpt["global_step"] // 40  # a finished iteration, never a half-applied update
-    assert not [f for f in os.listdir(run_dir) if ".tmp" in f]
+    assert not [name for name in os.listdir(run_dir) if ".tmp" in name]
+
+
+def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
+    res = run("mappo_lorasa_mamujoco.py", SHORT + ["--total-timesteps", "400", "--eval-interval", "1", "--share-mode",
+                                                   "ps", "--learning-rate", "1e30"], tmp_path, check=False)  # fmt: skip
+    assert res.returncode == 3 and res.stderr.count("\n") == 1, res.stderr
+    assert res.stderr.startswith("error: training diverged at step ") and "Traceback" not in res.stderr
+    run_dir = only_run(tmp_path)
+    assert f"the last good checkpoint is {os.path.join('runs', os.path.basename(run_dir), 'checkpoint.pt')}" in res.stderr
+    ckpt = load(os.path.join(run_dir, "checkpoint.pt"))
+    assert all(tensor.isfinite().all() for tensor in ckpt["actor"].values())
 
 
 def test_bad_input_cli_one_line_no_traceback(tmp_path):
-    res = run("mappo_lorasa_mamujoco.py", ["--scenario", "Foo"], tmp_path, check=False)
-    assert res.returncode == 2 and res.stdout == ""
-    assert res.stderr.strip().count("\n") == 0 and res.stderr.startswith("error: --scenario 'Foo'"), res.stderr
-    assert "HalfCheetah" in res.stderr and not os.path.exists(tmp_path / "runs")
+    for args, needles in [(["--agent-conf", "9x9"], ["'9x9'", "2x3 6x1"]), (["--gamma", "1.5"], ["--gamma 1.5"]),
+                          (["--run-dir", "/proc/nope"], ["--run-dir '/proc/nope'", "writable"])]:  # fmt: skip
+        res = run("mappo_lorasa_mamujoco.py", args, tmp_path, check=False)
+        assert res.returncode == 2 and res.stdout == "", res.stdout
+        assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: "), res.stderr
+        assert all(needle in res.stderr for needle in needles), res.stderr
+    res = run("mappo_lorasa_mamujoco.py", ["--scenario", "Foo"], tmp_path, check=False)  # tyro's own message
+    assert res.returncode == 2 and "'Foo'" in res.stderr and "HalfCheetah" in res.stderr and "Traceback" not in res.stderr
+    assert os.listdir(tmp_path) == []
 
 
 BAD = [
-    (dict(scenario="Foo"), ["'Foo'", "HalfCheetah", "Walker2d"]),
-    (dict(agent_conf="9x9"), ["'9x9'", "2x3", "6x1"]),
-    (dict(scenario="Walker2d", agent_conf="4x2"), ["'4x2'", "3x2", "2x3", "6x1"]),
-    (dict(rank=0), ["--rank 0", ">= 1"]),
+    (dict(rank=0), ["--rank 0", "> 0"]),
     (dict(lora_alpha=-1.0), ["--lora-alpha -1.0", "> 0"]),
-    (dict(lora_layers=("fc1", "bogus")), ["'bogus'", "fc2a", "head"]),
-    (dict(lora_layers=("gru_x",), recurrent=False), ["'gru_x'", "fc_post"]),
-    (dict(num_steps=25), ["--num-steps 25", "multiples of 10"]),
+    (dict(num_steps=25), ["--num-steps 25", "multiples of --data-chunk-length 10"]),
     (dict(lora_start=-5), ["--lora-start -5", "0 ... --total-timesteps"]),
-    (dict(resume=True), ["--resume", "--checkpoint"]),
-    (dict(checkpoint="/nonexistent/checkpoint.pt"), ["/nonexistent/checkpoint.pt", "no such file"]),
+    (dict(gamma=1.5), ["--gamma 1.5", "0 < value <= 1"]),
+    (dict(gae_lambda=0.0), ["--gae-lambda 0.0", "0 < value <= 1"]),
+    (dict(learning_rate=-1.0), ["--learning-rate -1.0", "> 0"]),
+    (dict(clip_coef=-1.0), ["--clip-coef -1.0", "> 0"]),
+    (dict(adam_eps=0.0), ["--adam-eps 0.0", "> 0"]),
+    (dict(huber_delta=float("nan")), ["--huber-delta nan", "> 0"]),
+    (dict(ent_coef=-0.1), ["--ent-coef -0.1", ">= 0"]),
+    (dict(threads=0), ["--threads 0", "> 0"]),
+    (dict(num_minibatches=999), ["--num-minibatches 999", "<= 400"]),
 ]
 
 
 @pytest.mark.parametrize("kw,needles", BAD, ids=[str(k) for k, _ in BAD])
-def test_bad_input_errors(script, kw, needles, capsys):
-    with pytest.raises(SystemExit) as e:
+def test_bad_values_are_refused_with_one_line(script, kw, needles, capsys):
+    with pytest.raises(SystemExit) as error:
         make_args(script, **kw)
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")
-    for needle in needles:
-        assert needle in err, (needle, err)
+    assert error.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+    assert all(needle in err for needle in needles), (needles, err)
 
 
-def test_eval_only_and_resume_take_task_and_shape_from_the_checkpoint(lorasa_run):
-    script, _, run_dir, _ = lorasa_run
-    mod = load_script(script)
-    path = os.path.join(run_dir, "checkpoint.pt")
-    args = make_args(mod, checkpoint=path, eval_only=True, scenario="Ant", agent_conf="4x2", hidden_size=32, seed=7)
-    assert (args.scenario, args.agent_conf, args.hidden_size, args.seed, args.share_mode) == ("HalfCheetah", "2x3", 64, 7,
-                                                                                              "lorasa")
-    args = make_args(mod, checkpoint=path, resume=True, num_envs=5, total_timesteps=400)
-    assert (args.num_envs, args.total_timesteps, args.lora_start) == (2, 400, 80)
+def checkpoint_error(module, capsys, **kw):
+    with pytest.raises(SystemExit):
+        args, checkpoint = module.load_checkpoint(module.Args(**kw))
+        module.check_checkpoint(module.finalize_args(args), checkpoint)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    return err
 
 
 def test_checkpoint_of_another_task_or_shape_is_refused(lorasa_run, capsys):
-    script, _, run_dir, _ = lorasa_run
-    mod = load_script(script)
-    path = os.path.join(run_dir, "checkpoint.pt")
-    for kw, needles in [(dict(scenario="Ant", agent_conf="4x2"), ["scenario='HalfCheetah'", "'Ant'"]),
-                        (dict(hidden_size=32), ["hidden_size=64", "32"]),
-                        (dict(share_mode="ps"), ["lorasa", "phase lora", "accepted phases: ps"]),
-                        (dict(rank=4), ["rank=8", "rank=4"]),
-                        (dict(total_timesteps=100), ["--total-timesteps 100", "step 160"])]:
-        with pytest.raises(SystemExit):
-            make_args(mod, checkpoint=path, **kw)
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith("error: --checkpoint") or err.startswith("error: --total"), err
-        for needle in needles:
-            assert needle in err, (needle, err)
+    module = load_script(lorasa_run[0])
+    path = os.path.join(lorasa_run[2], "checkpoint.pt")
+    refused = [
+        (dict(scenario="Ant", agent_conf="4x2"), ["scenario='HalfCheetah'", "'Ant'"]),
+        (dict(hidden_size=32), ["hidden_size=64", "32"]),
+        (dict(share_mode="ps"), ["phase-lora", "lorasa run", "accepted: ps"]),
+        (dict(rank=4), ["rank=8", "4"]),
+        (dict(total_timesteps=100, num_envs=2, num_steps=20), ["--total-timesteps 100", "after step 160"]),
+    ]
+    for kw, needles in refused:
+        err = checkpoint_error(module, capsys, checkpoint=path, **kw)
+        assert all(needle in err for needle in needles), (needles, err)
+    for kw, needle in [(dict(checkpoint="/nonexistent.pt"), "FileNotFoundError"), (dict(resume=True), "needs --checkpoint"),
+                       (dict(checkpoint=os.path.join(lorasa_run[2], "adapters.pt")), "adapters only")]:  # fmt: skip
+        assert needle in checkpoint_error(module, capsys, **kw)
+
+
+def test_eval_only_and_resume_take_task_and_shape_from_the_checkpoint(lorasa_run):
+    module = load_script(lorasa_run[0])
+    path = os.path.join(lorasa_run[2], "checkpoint.pt")
+    command_line = module.Args(checkpoint=path, eval_only=True, scenario="Ant", agent_conf="4x2", hidden_size=32, seed=7)
+    args, _ = module.load_checkpoint(command_line)
+    assert (args.scenario, args.agent_conf, args.hidden_size, args.seed, args.share_mode) == ("HalfCheetah", "2x3", 64, 7,
+                                                                                              "lorasa")  # fmt: skip
+    args, _ = module.load_checkpoint(module.Args(checkpoint=path, resume=True, num_envs=5, total_timesteps=400))
+    args = module.finalize_args(args)
+    assert (args.num_envs, args.total_timesteps, args.lora_start) == (2, 400, 80)

@@ -1,4 +1,7 @@
-"""The MAPPO update on synthetic batches, and the real MaMuJoCo adapter (dims, dtypes, partitions, stray output)."""
+"""The MAPPO update on synthetic batches, the rollout on the real simulator (truncation bootstrap), and the MaMuJoCo
+adapter (dims, dtypes, partitions, stray output)."""
+
+import copy
 import os
 import subprocess
 import sys
@@ -6,70 +9,41 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, load_script, make_args
 
 M = load_script("mappo_lorasa_mamujoco.py")
 
 
-def minibatch(N=2, L=10, B=6, F=20, A=9, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return dict(obs=torch.randn(N, L, B, F, generator=g), actor_h=torch.zeros(N, B, 64), masks=torch.ones(L, B),
-                actions=torch.rand(N, L, B, A, generator=g) * 1.8 - 0.9,
-                logprobs=torch.randn(N, L, B, A, generator=g) * 0.1 - 0.5)
+def synthetic_batch(args, N=2, obs_dim=9, state_dim=12, act_dim=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    buf = M.RolloutBuffer(args, N, obs_dim, state_dim, act_dim, "cpu")
+    for tensor in (buf.obs, buf.state, buf.values):
+        tensor.normal_(generator=generator)
+    buf.actions.uniform_(-0.9, 0.9, generator=generator)
+    buf.logprobs.normal_(-0.5, 0.1, generator=generator)
+    T, E = args.num_steps, args.num_envs
+    return buf, torch.randn(N, T, E, generator=generator), torch.randn(N, T, E, generator=generator)
 
 
-@pytest.mark.parametrize("per_dim", [True, False])
-def test_padded_action_dims_are_masked(script, per_dim):
-    """Humanoid 9|8: agent 1's 9th (padded) dim must not enter its log-probs, ratios or entropy (FIX 12)."""
-    act_mask = torch.tensor([[1.0] * 9, [1.0] * 8 + [0.0]])
+def build(mode, act_dim=3, action_dims=None, **kw):
     torch.manual_seed(0)
-    actor = script.Actor(20, 9, 2, make_args(script, share_mode="ps"))
-    adv = torch.randn(2, 10, 6)
-
-    def terms(mb, mask_on=True):
-        args = make_args(script, share_mode="ps", mask_padded_actions=mask_on, per_dim_ratio=per_dim)
-        torch.manual_seed(1)  # the entropy estimate draws a sample
-        return script.policy_terms(args, actor, mb, adv, 0.2, act_mask)
-
-    mb = minibatch()
-    other = {k: v.clone() for k, v in mb.items()}
-    other["actions"][1, ..., 8] = -other["actions"][1, ..., 8]
-    other["logprobs"][1, ..., 8] += 3.0
-    for x, y in zip(terms(mb), terms(other)):
-        torch.testing.assert_close(x, y)  # agent 1 is blind to its padded dim
-    assert not torch.allclose(terms(mb, False)[0][1], terms(other, False)[0][1])  # unmasked, it would not be
-    other0 = {k: v.clone() for k, v in mb.items()}
-    other0["logprobs"][0, ..., 8] += 3.0  # agent 0's 9th dim is real and matters
-    assert not torch.allclose(terms(mb)[0][0], terms(other0)[0][0])
-
-
-def synthetic_data(T=20, N=2, E=3, F=9, S=12, A=3, H=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g)
-    data = dict(obs=r(T + 1, N, E, F), state=r(T + 1, N, E, S), actor_h=torch.zeros(T + 1, N, E, H),
-                critic_h=torch.zeros(T + 1, N, E, H), masks=torch.ones(T + 1, E),
-                actions=torch.rand(T, N, E, A, generator=g) * 1.8 - 0.9, logprobs=r(T, N, E, A) * 0.1 - 0.5,
-                values=r(T + 1, N, E) * 0.1, returns=r(T, N, E))
-    return data, r(T, N, E)
+    args = make_args(M, share_mode=mode, num_steps=20, num_envs=3, update_epochs=2, **kw)
+    actor, critic, value_norm = M.GaussianActor(9, act_dim, 2, args, action_dims), M.Critic(12, 2, args), M.ValueNorm(2)
+    phase = {"ps": "ps", "lorasa": "lora", "nps": "nps"}[mode]
+    groups, optimizers = M.start_phase(actor, phase, args)
+    critic_optim = torch.optim.Adam(critic.parameters(), lr=1e-3)
+    return args, actor, critic, value_norm, optimizers, groups, critic_optim, phase
 
 
 @pytest.mark.parametrize("mode", ["ps", "lorasa", "nps"])
 def test_update_moves_only_what_the_phase_trains(mode):
-    """Phase lora: the shared actor (Linears, LayerNorms, log-std) stays bit-identical, the adapters move;
-    the critic trains in every phase."""
-    torch.manual_seed(0)
-    args = make_args(M, share_mode=mode, num_steps=20, num_envs=3, update_epochs=2)
-    actor, critic, vn = M.Actor(9, 3, 2, args), M.Critic(12, 2, args), M.ValueNorm(2)
-    phase = {"ps": "ps", "lorasa": "lora", "nps": "nps"}[mode]
-    groups, optims = M.start_phase(actor, phase, args)
-    critic_opt = torch.optim.Adam(critic.parameters(), lr=1e-3)
-    data, adv = synthetic_data()
+    """Phase lora: the shared actor (Linears, LayerNorms, log-std) stays bit-identical, the adapters move; the critic
+    trains in every phase."""
+    args, actor, critic, value_norm, optimizers, groups, critic_optim, phase = build(mode)
+    buf, returns, advantages = synthetic_batch(args)
     before = {n: p.detach().clone() for n, p in actor.named_parameters()}
     critic_before = [p.detach().clone() for p in critic.parameters()]
-    M.unmerge(actor)
-    ctx = dict(rewards=data["returns"] * 0.1, bad_masks=torch.ones(21, 3), iteration=1)
-    stats = M.update(args, actor, critic, vn, optims, groups, critic_opt, data, adv, phase, torch.ones(2, 3), ctx)
+    stats = M.update(args, actor, critic, value_norm, optimizers, groups, critic_optim, buf, returns, advantages, phase)
     assert all(np.isfinite(v) for v in stats.values())
     for n, p in actor.named_parameters():
         moved = not torch.equal(before[n], p)
@@ -78,16 +52,76 @@ def test_update_moves_only_what_the_phase_trains(mode):
         else:
             assert moved or "lora_" in n, n
     assert all(not torch.equal(a, b) for a, b in zip(critic_before, critic.parameters()))
-    assert vn.d.min() > 0  # every agent's normaliser saw returns
+    assert value_norm.debiasing_term.min() > 0  # every agent's normaliser saw returns
 
 
-def run_env(code):
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.getcwd(), timeout=120,
-                          env=dict(os.environ, PYTHONPATH=ROOT))
+@pytest.mark.parametrize("per_dim", [True, False])
+def test_padded_action_dims_do_not_enter_the_update(per_dim):
+    """Humanoid 9|8 (FIX 12): agent 1's padded 9th dim must not change the update; unmasked, it would."""
+    action_dims = torch.tensor([[1.0] * 9, [1.0] * 8 + [0.0]])
+    results = []
+    for mask, flip in [(True, False), (True, True), (False, False), (False, True)]:
+        parts = build("ps", 9, action_dims, mask_padded_actions=mask, per_dim_ratio=per_dim)
+        args, actor = parts[0], parts[1]
+        buf, returns, advantages = synthetic_batch(args, act_dim=9)
+        if flip:  # other values in agent 1's padded dim
+            buf.actions[1, ..., 8] *= -1
+            buf.logprobs[1, ..., 8] += 3.0
+        torch.manual_seed(1)
+        M.update(*parts[:7], buf, returns, advantages, "ps")
+        results.append(torch.cat([p.detach().flatten() for p in actor.parameters()]))
+    assert torch.equal(results[0], results[1])
+    assert not torch.allclose(results[2], results[3])
 
 
-def test_mamujoco_adapter_dims_dtypes_and_no_stray_output(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_rollout_bootstraps_truncations_from_the_true_final_state():
+    """FIX 21 on the real simulator: at a time-limit truncation the return is r + gamma V(true final state), with V the
+    critic's value of the state MuJoCo reached (replayed independently), not of the reset state that replaces it; the
+    reference's mode (--no-truncation-bootstrap) zeroes the step's advantage (R = V)."""
+    for bootstrap in (True, False):
+        args = make_args(M, num_envs=2, num_steps=10, max_episode_steps=5, truncation_bootstrap=bootstrap)
+        torch.manual_seed(3)
+        env = M.MaMuJoCoEnv(args.scenario, args.agent_conf, max_episode_steps=5)
+        actor = M.GaussianActor(env.obs.shape[1], 3, 2, args)
+        critic = M.Critic(env.state.shape[1], 2, args)
+        value_norm = M.ValueNorm(2)
+        value_norm.update(torch.randn(2, 50) * 3 + 1)  # non-trivial statistics: de-normalising matters
+        M.merge(actor, critic)
+        seeds = [11, 12]
+        envs, obs = M.make_envs(args, seeds)
+        buf = M.RolloutBuffer(args, 2, env.obs.shape[1], env.state.shape[1], 3, "cpu")
+        buf.put_obs(0, obs)
+        M.collect_rollout(args, envs, actor, critic, buf)
+        returns, _ = M.compute_returns(args, buf, value_norm)
+        assert buf.masks[5].tolist() == [0, 0] and buf.masks[10].tolist() == [0, 0] and buf.masks[1:5].all()
+        for e, seed in enumerate(seeds):
+            replay = M.MaMuJoCoEnv(args.scenario, args.agent_conf, max_episode_steps=5)
+            states = [torch.as_tensor(replay.reset(seed=seed)[0]["state"].copy())]
+            for t in range(5):
+                observation, reward, _, truncated, _ = replay.step(buf.actions[:, t, e].numpy())
+                states.append(torch.as_tensor(observation["state"].copy()))
+                assert reward == pytest.approx(buf.rewards[t, e].item(), rel=1e-6) and truncated == (t == 4)
+            true_final = states[-1]
+            assert not torch.allclose(true_final, buf.state[:, 5, e])  # row 5 holds the reset state
+            with torch.no_grad():  # the critic over the true states s_0 ... s_5, zero initial hidden state
+                values, _ = critic(torch.stack(states, 1)[:, :, None], torch.zeros(2, 1, 64), torch.ones(6, 1))
+            V = value_norm.denormalize(values[:, :, 0])
+            if bootstrap:
+                torch.testing.assert_close(buf.final_values[:, 4, e], values[:, 5, 0], atol=1e-5, rtol=1e-5)
+                expected = buf.rewards[4, e] + args.gamma * V[:, 5]
+            else:
+                assert buf.bad_masks[5, e] == 0 and buf.boot[4, e] == 0
+                expected = V[:, 4]
+            torch.testing.assert_close(returns[:, 4, e], expected, atol=1e-4, rtol=1e-5)
+        envs.close()
+
+
+def run_in_subprocess(code, cwd):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=ROOT))  # fmt: skip
+
+
+def test_mamujoco_adapter_dims_dtypes_and_no_stray_output(tmp_path):
     code = """
 import numpy as np, mappo_lorasa_mamujoco as m
 for sc, conf, mode, expect in [("HalfCheetah", "2x3", "local_k", (2, 7 + 2, 17 + 2, 3)),
@@ -97,24 +131,23 @@ for sc, conf, mode, expect in [("HalfCheetah", "2x3", "local_k", (2, 7 + 2, 17 +
     env = m.MaMuJoCoEnv(sc, conf, 1, mode)
     obs, _ = env.reset(seed=0)
     n, od, sd, ad = expect
-    assert (env.n_agents, env.state_dim, env.act_dim) == (n, sd, ad), (sc, env.n_agents, env.state_dim, env.act_dim)
-    assert od is None or env.obs_dim == od, env.obs_dim
+    assert (env.n_agents, env.state.shape[1], env.action_dims.shape[1]) == (n, sd, ad), sc
+    assert od is None or env.obs.shape[1] == od, env.obs.shape
     assert obs["obs"].dtype == np.float32 and obs["state"].dtype == np.float32
-    assert obs["obs"].shape == (n, env.obs_dim) and obs["state"].shape == (n, env.state_dim)
     assert (obs["obs"][:, -n:] == np.eye(n)).all() and (obs["state"][:, -n:] == np.eye(n)).all()
-    out = env.step(np.ones((n, env.act_dim), np.float32))
+    out = env.step(np.ones((n, ad), np.float32))
     assert out[0]["obs"].dtype == np.float32 and isinstance(out[1], float)
-    if sc == "Walker2d" and conf == "3x2":
+    if conf == "3x2":
         labels = [[node.label for node in part] for part in env.env.agent_action_partitions]
         assert labels == [["foot_joint", "leg_joint"], ["thigh_joint", "foot_left_joint"],
                           ["leg_left_joint", "thigh_left_joint"]], labels
     if sc == "Humanoid":
-        assert env.act_sizes == [9, 8] and env.act_mask[1].tolist() == [1] * 8 + [0]
+        assert env.act_sizes == [9, 8] and env.action_dims[1].tolist() == [1] * 8 + [0]
         ctrl = env.env.single_agent_env.unwrapped.data.ctrl
         assert np.allclose(ctrl, 0.4), ctrl  # [-1, 1] mapped onto the +-0.4 joint bounds
         assert np.allclose(obs["obs"][0, :348], obs["state"][0, :348])  # global obs mode: every agent sees state()
 """
-    res = run_env(code)
+    res = run_in_subprocess(code, tmp_path)
     assert res.returncode == 0, res.stderr
     assert res.stdout == "" and res.stderr == "", (res.stdout, res.stderr)  # no Adroit banner, no MuJoCo warning
     assert not os.path.exists(tmp_path / "MUJOCO_LOG.TXT")
@@ -125,3 +158,13 @@ def test_episode_ends_with_truncation_at_the_limit():
     env.reset(seed=0)
     flags = [env.step(np.zeros((2, 3), np.float32))[2:4] for _ in range(5)]
     assert flags == [(False, False)] * 4 + [(False, True)]
+
+
+def test_evaluation_counts_exactly_one_episode_per_env():
+    args = make_args(M, num_envs=2, eval_episodes=3, max_episode_steps=7, share_mode="ps")
+    envs, _ = M.make_envs(args, [0, 1, 2])
+    actor = M.GaussianActor(9, 3, 2, args)
+    M.merge(actor)
+    result = M.evaluate(args, actor, envs)
+    again = M.evaluate(args, copy.deepcopy(actor), envs)  # the same seeds every time: the same result
+    assert result["num_episodes"] == 3 and result["episodic_length"] == 7 and result == again
