@@ -72,8 +72,8 @@ class Args:
     total_timesteps: Optional[int] = None  # env step at which training ends (default 12M; --resume: the checkpoint's)
     num_envs: Optional[int] = None  # parallel training envs (default per task, TASK_DEFAULTS)
     num_steps: Optional[int] = None  # rollout length per env and iteration (default per task)
-    learning_rate: float = 3e-4  # actor Adam learning rate (shared actor in phase ps, adapters in phase lora)
-    critic_learning_rate: float = 3e-4  # critic Adam learning rate
+    learning_rate: Optional[float] = None  # actor Adam learning rate (default per task; the adapters in phase lora)
+    critic_learning_rate: Optional[float] = None  # critic Adam learning rate (default per task)
     update_epochs: Optional[int] = None  # PPO epochs per iteration (default per task)
     num_minibatches: int = 1  # minibatches per epoch (reference: 1, one step per epoch on the whole batch)
     data_chunk_length: int = 10  # length of the recurrent training chunks
@@ -81,14 +81,14 @@ class Args:
     gae_lambda: Optional[float] = None  # GAE lambda (default per task)
     clip_coef: float = 0.2  # PPO ratio clip
     value_clip_coef: float = 0.2  # value clip around the rollout's value
-    ent_coef: float = 0.0  # entropy coefficient (0 on MaMuJoCo: the entropy is only logged)
+    ent_coef: Optional[float] = None  # entropy coefficient (default per task)
     vf_coef: float = 1.0  # value loss coefficient
     max_grad_norm: float = 10.0  # gradient-norm clip (per agent group in phase lora and in nps mode)
     huber_delta: float = 10.0  # delta of the Huber value loss
     adam_eps: float = 1e-5  # Adam epsilon
     hidden_size: int = 64  # width of every hidden layer
     eval_interval: int = 50  # evaluate and save every this many iterations, before the first and after the last
-    eval_episodes: int = 10  # greedy evaluation episodes (one per eval env)
+    eval_episodes: Optional[int] = None  # greedy evaluation episodes (default per task)
     truncation_bootstrap: bool = True  # bootstrap time-limit truncations (FIX 21; off: the reference)
 
     share_mode: Literal["ps", "lorasa", "nps"] = "lorasa"  # lorasa: ps until --lora-start, then per-agent adapters
@@ -109,14 +109,15 @@ class Args:
     async_envs: bool = False  # step the envs in subprocesses (AsyncVectorEnv); pays off only with many cores
 
 
-# The reference's MaMuJoCo settings (docs/method.md §10); they fill only what the command line left unset.
+# The reference's settings (docs/method.md §10) for every task and where a task differs; the command line wins.
+SUITE_DEFAULTS = dict(num_envs=16, num_steps=250, update_epochs=3, gae_lambda=0.93, learning_rate=3e-4, ent_coef=0.0)
+SUITE_DEFAULTS.update(critic_learning_rate=3e-4, eval_episodes=10, total_timesteps=12_000_000)
 TASK_DEFAULTS = {
-    ("HalfCheetah", "2x3"): dict(num_envs=16, num_steps=250, update_epochs=5, gae_lambda=0.93),
-    ("Ant", "4x2"): dict(num_envs=25, num_steps=160, update_epochs=3, gae_lambda=0.93),
-    ("Walker2d", "3x2"): dict(num_envs=16, num_steps=250, update_epochs=3, gae_lambda=0.93),
-    ("Humanoid", "9|8"): dict(num_envs=25, num_steps=160, update_epochs=3, gae_lambda=0.90),
+    ("HalfCheetah", "2x3"): dict(update_epochs=5),
+    ("Ant", "4x2"): dict(num_envs=25, num_steps=160),
+    ("Humanoid", "9|8"): dict(num_envs=25, num_steps=160, gae_lambda=0.90),
 }
-OTHER_TASK_DEFAULTS = dict(num_envs=16, num_steps=250, update_epochs=3, gae_lambda=0.93)
+TASK_KEYS = ("scenario", "agent_conf", "agent_obsk", "obs_mode", "hidden_size")  # a checkpoint fits only its own task
 POSITIVE = (
     "threads", "total_timesteps", "num_envs", "num_steps", "learning_rate", "critic_learning_rate", "update_epochs",
     "num_minibatches", "data_chunk_length", "clip_coef", "value_clip_coef", "vf_coef", "max_grad_norm", "huber_delta",
@@ -133,11 +134,10 @@ def fail(message):
 def finalize_args(args):
     """Fill the per-task defaults the command line left unset, derive the sizes and check every value: one line naming
     the value and the accepted ones for each problem, before any env or network is built."""
-    for key, value in TASK_DEFAULTS.get((args.scenario, args.agent_conf), OTHER_TASK_DEFAULTS).items():
+    for key, value in {**SUITE_DEFAULTS, **TASK_DEFAULTS.get((args.scenario, args.agent_conf), {})}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.obs_mode = args.obs_mode or ("global" if args.scenario.startswith("Humanoid") else "local_k")
-    args.total_timesteps = 12_000_000 if args.total_timesteps is None else args.total_timesteps  # the reference's
     args.lora_alpha = float(args.rank) if args.lora_alpha is None else args.lora_alpha
     args.lora_start = args.total_timesteps // 4 if args.lora_start is None else args.lora_start
     for key in POSITIVE:
@@ -355,6 +355,7 @@ class RecurrentNetwork(nn.Module):
             return LoRALinear(n_in, n_out, n_agents, mode, gain, rank, args.lora_alpha, args.lora_init, generator)
 
         self.n_agents = n_agents
+        self.lora_on = False
         self.feature_norm = AgentLayerNorm(n_in, n_agents, per_agent)
         sizes = {"fc1": (n_in, hidden), "fc2a": (hidden, hidden), "fc2b": (hidden, hidden), "fc_post": (hidden, hidden)}
         self.fcs = nn.ModuleDict({name: linear(name, *size, math.sqrt(2)) for name, size in sizes.items()})
@@ -405,7 +406,6 @@ class GaussianActor(RecurrentNetwork):
             self.log_std = nn.Parameter(torch.ones(act_dim))  # the reference's init 1.0 (sigma ~ 0.366)
         if args.share_mode == "lorasa":  # the per-agent offsets d_i train whenever the adapters do
             self.lora_std = nn.ParameterList([torch.zeros(act_dim) for _ in range(n_agents)])
-        self.lora_on = False
         self.merged = None
         if action_dims is None or not args.mask_padded_actions:
             action_dims = torch.ones(n_agents, act_dim)
@@ -761,7 +761,7 @@ def load_checkpoint(args):
         keep = ["cuda", "threads", "checkpoint", "resume", "eval_only", "run_dir", "async_envs"]
         keep += ["seed", "eval_episodes", "max_episode_steps"] if args.eval_only else ["total_timesteps"]
         saved = {key: value for key, value in checkpoint["args"].items() if key in Args.__dataclass_fields__}
-        args = Args(**{**saved, **{key: getattr(args, key) for key in keep}})
+        args = Args(**{**saved, **{key: getattr(args, key) for key in keep if hasattr(args, key)}})
         args.total_timesteps = args.total_timesteps or saved["total_timesteps"]
     return args, checkpoint
 
@@ -769,7 +769,7 @@ def load_checkpoint(args):
 def check_checkpoint(args, checkpoint):
     """One line if the checkpoint is of another task or shape, or one this share mode cannot start from."""
     saved = checkpoint["args"]
-    for key in ("scenario", "agent_conf", "agent_obsk", "obs_mode", "hidden_size"):
+    for key in TASK_KEYS:
         if saved[key] != getattr(args, key):
             flag = f"--{key.replace('_', '-')} {saved[key]}"
             fail(f"--checkpoint is for {key}={saved[key]!r}, this run has {getattr(args, key)!r}; accepted: {flag}")
@@ -809,7 +809,7 @@ def save_checkpoint(path, payload, actor):
             raise FloatingPointError(f"non-finite {key} weights")
     files = {path: payload}
     if os.path.basename(path) == "checkpoint.pt" and actor.lora_on:
-        adapters = {"log_std_offset": stack(actor.lora_std).detach().cpu()}
+        adapters = {"log_std_offset": stack(actor.lora_std).detach().cpu()} if hasattr(actor, "lora_std") else {}
         for name, module in actor.named_modules():
             if isinstance(module, LoRALinear) and module.adapted:
                 parts = dict(A=module.lora_A, B=module.lora_B, bias=module.lora_bias)
