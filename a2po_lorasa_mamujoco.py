@@ -130,8 +130,8 @@ class Args:
 
 
 # The reference's settings (docs/method.md §10) for every task and where a task differs; the command line wins.
-SUITE_DEFAULTS = dict(num_envs=16, num_steps=250, update_epochs=3, gae_lambda=0.93, learning_rate=3e-4, ent_coef=0.0)
-SUITE_DEFAULTS.update(critic_learning_rate=3e-4, eval_episodes=10, total_timesteps=12_000_000)
+SUITE_DEFAULTS = dict(num_envs=16, num_steps=250, update_epochs=3, gae_lambda=0.93, learning_rate=3e-4, ent_coef=0.0,
+                      critic_learning_rate=3e-4, eval_episodes=10, total_timesteps=12_000_000)  # fmt: skip
 TASK_DEFAULTS = {
     ("HalfCheetah", "2x3"): dict(update_epochs=5),
     ("Ant", "4x2"): dict(num_envs=25, num_steps=160),
@@ -335,7 +335,7 @@ class LoRALinear(nn.Module):
         weight, bias = self.weights(agents) if weights is None else weights
         if weight.dim() == 2:  # one matrix shared by all agents
             return F.linear(x, weight, bias)
-        return torch.baddbmm(bias, x.flatten(1, -2), weight.mT).view(*x.shape[:-1], -1)  # one batched matmul over agents
+        return torch.baddbmm(bias, x.flatten(1, -2), weight.mT).view(*x.shape[:-1], weight.shape[1])  # one batched matmul
 
 
 class AgentLayerNorm(nn.Module):
@@ -462,8 +462,7 @@ LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def squashed_log_prob(mean, std, action):
-    """Per-dim log-prob of a = tanh(u), u ~ N(mean, std), not summed (docs/method.md §4):
-    log N(atanh(clamp(a, +-(1 - eps))); mean, std) - log(1 - a^2 + eps)."""
+    """Per-dim log-prob of a = tanh(u), u ~ N(mean, std) (§4): log N(atanh(clamp(a, +-(1-eps))); mean, std) - log(1-a^2+eps)"""
     u = torch.atanh(action.clamp(-1 + EPS, 1 - EPS))
     return -0.5 * ((u - mean) / std).pow(2) - std.log() - LOG_SQRT_2PI - torch.log(1 - action.pow(2) + EPS)
 
@@ -475,8 +474,7 @@ def squashed_entropy(mean, std):
 
 
 class Critic(RecurrentNetwork):
-    """Centralised critic on each agent's state (docs/method.md §5): one network for all agents (nps: one each), never
-    adapted, trained in both phases. Outputs normalised values (n, T, B)."""
+    """Centralised critic (§5), one for all agents (nps: one each), never adapted; it outputs normalised values (n, T, B)."""
 
     def __init__(self, state_dim, n_agents, args):
         super().__init__(state_dim, 1, n_agents, "nps" if args.share_mode == "nps" else "ps", args, 1.0)
@@ -583,10 +581,9 @@ class RolloutBuffer:
         for tensor in (self.obs, self.state, self.actor_h, self.critic_h):
             tensor[:, 0] = tensor[:, -1]
         self.masks[0] = self.masks[-1]
-        self.bad_masks[0] = self.bad_masks[-1]
 
 
-def collect_rollout(args, envs, actor, critic, buf):
+def collect_rollout(args, envs, actor, buf):
     """Fill the buffer with one sampled policy call for all envs and agents per step, resetting finished envs after their
     true final state is kept (FIX 21). Returns the finished episodes' (return, length) and the seconds in the envs."""
     T, E = args.num_steps, args.num_envs
@@ -623,18 +620,21 @@ def collect_rollout(args, envs, actor, critic, buf):
     buf.rewards.copy_(torch.as_tensor(rewards))
     buf.boot.copy_(time_limit & args.truncation_bootstrap)
     buf.bad_masks[1:] = 1.0 - (time_limit & (not args.truncation_bootstrap)).float()  # the reference zeroes A_t
-    with torch.inference_mode():
-        buf.logprobs.copy_(squashed_log_prob(buf.means, std, buf.actions))  # std does not depend on the state
-        # the critic's inputs never depend on its outputs: one pass over the rollout as a sequence (column T: V_T)
-        values, hs = critic(buf.state, buf.critic_h[:, 0], buf.masks)
-        buf.values.copy_(values)
-        buf.critic_h[:, 1:] = hs[:, :T]
-        steps, env_ids = buf.boot.nonzero(as_tuple=True)
-        if len(steps):  # V(true final state), from the critic's hidden state after the truncated step
-            final_state = buf.final_state[:, steps, env_ids, None].transpose(1, 2)
-            final_values, _ = critic(final_state, hs[:, steps, env_ids], buf.masks.new_ones(1, len(steps)))
-            buf.final_values[:, steps, env_ids] = final_values[:, 0]
+    buf.logprobs.copy_(squashed_log_prob(buf.means, std, buf.actions))  # std does not depend on the state
     return finished, env_seconds
+
+
+@torch.inference_mode()
+def critic_values(critic, buf):
+    """The critic values the rollout afterwards in one pass over its states (column T: V_T; its inputs never depend on its
+    outputs), keeping its hidden states for the chunks, and each bootstrapped step's final state from the step's one."""
+    values, hs = critic(buf.state, buf.critic_h[:, 0], buf.masks)
+    buf.values.copy_(values)
+    buf.critic_h[:, 1:] = hs[:, :-1]
+    steps, env_ids = buf.boot.nonzero(as_tuple=True)
+    final_state = buf.final_state[:, steps, env_ids, None].transpose(1, 2)
+    final_values, _ = critic(final_state, hs[:, steps, env_ids], buf.masks.new_ones(1, len(steps)))
+    buf.final_values[:, steps, env_ids] = final_values[:, 0]
 
 
 def gae(rewards, values, masks, bad_masks, gamma, lam):
@@ -912,8 +912,7 @@ def update(args, actor, critic, value_norm, actor_optims, actor_groups, critic_o
 # ==== 9. EVALUATION ====
 @torch.inference_mode()
 def evaluate(args, actor, envs):
-    """Greedy evaluation (docs/method.md §8), one episode per eval env seeded 50000 seed + 10000 k every time: the mean
-    team return (the shared reward summed over the episode, not x N) and length."""
+    """Greedy evaluation (§8), one episode per eval env seeded 50000 seed + 10000 k every time: the mean team return."""
     n = envs.num_envs
     obs, _ = envs.reset(seed=[args.seed * 50000 + 10000 * k for k in range(n)])
     h = torch.zeros(actor.n_agents, n, args.hidden_size, device=actor.action_dims.device)
@@ -1138,12 +1137,13 @@ if __name__ == "__main__":
                 print(f"  phase switch at step {global_step}: shared actor frozen, adapters on")
 
             rollout_start = time.time()
-            finished, env_seconds = collect_rollout(args, envs, actor, critic, buf)
+            finished, env_seconds = collect_rollout(args, envs, actor, buf)
             global_step += args.batch_size
             rollout_seconds = time.time() - rollout_start
 
             update_start = time.time()
             torch.set_num_threads(args.threads)
+            critic_values(critic, buf)  # V(s_t) for GAE and the value clip
             returns, advantages = compute_returns(args, buf, value_norm)
             optimizers = (actor_optims, actor_groups, critic_optim)
             stats = update(args, actor, critic, value_norm, *optimizers, buf, returns, advantages, phase)

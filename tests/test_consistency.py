@@ -14,7 +14,8 @@ from conftest import ROOT, SCRIPTS, present
 # May differ between the MAPPO and the A2PO script: the update rule and the arguments, defaults and checks it adds.
 ALGORITHM_PARTS = {"Args", "finalize_args", "update"}
 # May differ between suites (identical within one): the environment, the action distribution and the masks.
-SUITE_PARTS = set()
+SUITE_PARTS = {"SUITE_DEFAULTS", "TASK_DEFAULTS", "TASK_KEYS", "POSITIVE", "make_envs", "RolloutBuffer", "collect_rollout",
+               "compute_returns", "evaluate"}  # fmt: skip
 BANNERS = ["DOCSTRING", "IMPORTS", "ARGS", "ENVIRONMENT", "LAYERS", "ACTOR, CRITIC, VALUENORM",
            "ROLLOUT BUFFER, CHUNKS, GAE", "UPDATE", "EVALUATION", "CHECKPOINTS", "MAIN"]  # fmt: skip
 

@@ -91,7 +91,8 @@ def test_rollout_bootstraps_truncations_from_the_true_final_state():
         envs, obs = M.make_envs(args, seeds)
         buf = M.RolloutBuffer(args, 2, env.obs.shape[1], env.state.shape[1], 3, "cpu")
         buf.put_obs(0, obs)
-        M.collect_rollout(args, envs, actor, critic, buf)
+        M.collect_rollout(args, envs, actor, buf)
+        M.critic_values(critic, buf)
         returns, _ = M.compute_returns(args, buf, value_norm)
         assert buf.masks[5].tolist() == [0, 0] and buf.masks[10].tolist() == [0, 0] and buf.masks[1:5].all()
         for e, seed in enumerate(seeds):

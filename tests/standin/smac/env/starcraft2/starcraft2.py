@@ -1,0 +1,3 @@
+from sc2_standin import StarCraft2Env
+
+__all__ = ["StarCraft2Env"]

@@ -1,0 +1,3 @@
+from sc2_standin import StarCraftCapabilityEnvWrapper
+
+__all__ = ["StarCraftCapabilityEnvWrapper"]
