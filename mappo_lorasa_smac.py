@@ -165,9 +165,10 @@ SMACV2_TEAMS = {  # the official SMACv2 capability configs: unit types, their we
     "terran": (["marine", "marauder", "medivac"], [0.45, 0.45, 0.1], ["medivac"]),
     "zerg": (["zergling", "baneling", "hydralisk"], [0.45, 0.1, 0.45], ["baneling"]),
 }
-SMAX_MAPS = {**{name: SMAC_MAPS[name][2] for name in ("3m", "2s3z", "25m", "3s5z", "8m", "5m_vs_6m", "10m_vs_11m",
-             "27m_vs_30m", "3s5z_vs_3s6z", "3s_vs_5z", "6h_vs_8z")}, "smacv2_5_units": 200, "smacv2_10_units": 200,
-             "smacv2_20_units": 200}  # fmt: skip  # the maps of jaxmarl 0.2.0's SMAX, with SMAC's episode limits
+SMAX_MAPS = (  # the maps of jaxmarl 0.2.0's SMAX (its smacv2_* draw all six SMAX unit types: not SMACv2's tasks)
+    "3m", "2s3z", "25m", "3s5z", "8m", "5m_vs_6m", "10m_vs_11m", "27m_vs_30m", "3s5z_vs_3s6z", "3s_vs_5z", "6h_vs_8z",
+    "smacv2_5_units", "smacv2_10_units", "smacv2_20_units",
+)  # fmt: skip
 
 
 def resolve_backend(args):
@@ -195,15 +196,15 @@ def resolve_backend(args):
     args.task = f"{args.env_backend}-{args.map}"
 
 
-def agent_inputs(obs, state, avail, args, xp):
+def agent_inputs(obs, state, avail, state_mode, death_masking, xp):
     """Each agent's inputs from one env's observation, with numpy or jax.numpy (xp): the actor's [obs_i, one-hot(i)];
     the critic's by --state-mode, [state, obs_i, one-hot(i)] or [state, one-hot(i)], zero but for the id of a dead agent
     with --death-masking (docs/method.md §9); dead <=> only the no-op is available."""
     n_agents = obs.shape[0]
     ids = xp.eye(n_agents, dtype=xp.float32)
     state = xp.broadcast_to(state, (n_agents, state.shape[-1]))
-    critic_input = xp.concatenate([state, obs], axis=1) if args.state_mode == "ep_obs_id" else state
-    if args.death_masking:
+    critic_input = xp.concatenate([state, obs], axis=1) if state_mode == "ep_obs_id" else state
+    if death_masking:
         critic_input = critic_input * (avail[:, :1] == 0)
     critic_input = xp.concatenate([critic_input, ids], axis=1).astype(xp.float32)
     return dict(obs=xp.concatenate([obs, ids], axis=1).astype(xp.float32), state=critic_input, avail=avail)
@@ -215,7 +216,7 @@ class StarCraft2(gym.Env):
     step -> the team reward, terminated (the battle ended, or StarCraft II restarted), truncated (the episode limit),
     {"won": battle_won}."""
 
-    def __init__(self, map_name, seed, args):
+    def __init__(self, map_name, seed, state_mode, death_masking):
         smacv2_task = SMACV2_TASK.fullmatch(map_name)
         # continuing_episode=True only adds info["episode_limit"] at a timeout: truncated, told from a lost battle
         options = dict(seed=seed, continuing_episode=True)
@@ -233,11 +234,13 @@ class StarCraft2(gym.Env):
             from smac.env import StarCraft2Env
 
             self.env = StarCraft2Env(map_name=map_name, obs_last_action=True, **options)  # the reference's obs
-        self.args = args
+        self.modes = (state_mode, death_masking)
         info = self.env.get_env_info()
         n_agents, n_actions = info["n_agents"], info["n_actions"]
         zeros = [np.zeros((n_agents, info["obs_shape"])), np.zeros(info["state_shape"]), np.zeros((n_agents, n_actions))]
-        spaces = {key: gym.spaces.Box(-np.inf, np.inf, value.shape) for key, value in agent_inputs(*zeros, args, np).items()}
+        spaces = {
+            key: gym.spaces.Box(-np.inf, np.inf, value.shape) for key, value in agent_inputs(*zeros, *self.modes, np).items()
+        }
         self.observation_space = gym.spaces.Dict(spaces)
         self.action_space = gym.spaces.MultiDiscrete([n_actions] * n_agents)
 
@@ -245,7 +248,7 @@ class StarCraft2(gym.Env):
         obs, state, avail = (
             np.array(x, np.float32) for x in (self.env.get_obs(), self.env.get_state(), self.env.get_avail_actions())
         )
-        return agent_inputs(obs, state, avail, self.args, np)
+        return agent_inputs(obs, state, avail, *self.modes, np)
 
     def reset(self, seed=None, options=None):  # StarCraft II is seeded once, at its launch
         self.env.reset()  # SMACv2's wrapper returns None after retrying a failed reset: the observation is read here
@@ -282,52 +285,57 @@ def import_smax():
     return jax, jnp, smax
 
 
+@functools.lru_cache(maxsize=None)
+def smax_functions(map_name, state_mode, death_masking):
+    """JaxMARL's SMAX behind SMAC's API and action layout (docs/method.md §9): a map's jitted, vmapped reset, step and
+    masked reset, built once so that envs of the same size share their compilation."""
+    jax, jnp, smax = import_smax()
+    limit = SMAC_MAPS.get(map_name, (0, 0, 200))[2]  # SMAC's episode limit (200 as SMACv2's for the smacv2_* maps)
+    # SMAX ends an episode one step after `max_steps` (it tests the step count before counting the step): limit - 1
+    env = smax.HeuristicEnemySMAX(scenario=smax.map_name_to_scenario(map_name), max_steps=limit - 1)
+    n = env.num_allies
+    to_smax = jnp.array([4, 4, 0, 2, 1, 3] + [5 + k for k in range(env.num_enemies)])  # SMAC action -> SMAX action
+
+    def observe(state, obs):
+        alive = state.state.unit_alive[:n, None]
+        avail = jnp.stack([env.get_avail_actions(state)[agent] for agent in env.agents])  # [N, E, S, W, stop, attack]
+        avail = jnp.concatenate([~alive, alive, avail[:, jnp.array([0, 2, 1, 3])], avail[:, 5:]], axis=1)  # SMAC's layout
+        agents_obs = jnp.stack([obs[agent] for agent in env.agents])
+        return agent_inputs(agents_obs, obs["world_state"], avail.astype(jnp.float32), state_mode, death_masking, jnp)
+
+    def reset(key):
+        key, reset_key = jax.random.split(key)
+        obs, state = env.reset(reset_key)
+        state = jax.tree.map(lambda x: jnp.asarray(x, dtype=x.dtype), state)  # no weak types: one compilation
+        return key, state, observe(state, obs)
+
+    def step(key, state, actions):
+        key, step_key = jax.random.split(key)
+        smax_actions = {agent: to_smax[actions[i]] for i, agent in enumerate(env.agents)}
+        obs, state, rewards, dones, _ = env.step_env(step_key, state, smax_actions)
+        alive = state.state.unit_alive
+        won = ~alive[n:].any() & alive[:n].any()  # SMAX's info is empty: the win comes from the post-step state
+        terminated = ~alive[n:].any() | ~alive[:n].any()
+        truncated = dones["__all__"] & ~terminated  # the episode limit
+        return key, state, observe(state, obs), rewards[env.agents[0]], terminated, truncated, won
+
+    def select(mask, new, old):
+        return jax.tree.map(lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
+
+    return jax, jax.jit(jax.vmap(reset)), jax.jit(jax.vmap(step)), jax.jit(select)
+
+
 class SMAXEnvs:
-    """JaxMARL's SMAX (docs/method.md §9) for all envs at once, with SMAC's API and action layout and the calls of
-    gymnasium's vector envs without autoreset: one jitted, vmapped step; finished envs are reset on request. Observation
-    as StarCraft2's, with avail = [dead, alive, N, S, E, W, attack enemy k ...]."""
+    """JaxMARL's SMAX for all envs at once (smax_functions), with the calls of gymnasium's vector envs without autoreset:
+    finished envs are reset on request (reset_mask). Observations as StarCraft2's, with SMAC's avail = [dead, alive, N,
+    S, E, W, attack enemy k ...]."""
 
     def __init__(self, map_name, num_envs, args):
-        jax, jnp, smax = import_smax()
-        env = smax.HeuristicEnemySMAX(scenario=smax.map_name_to_scenario(map_name), max_steps=SMAX_MAPS[map_name])
-        n, n_enemies = env.num_allies, env.num_enemies
-        to_smax = jnp.array([4, 4, 0, 2, 1, 3] + [5 + k for k in range(n_enemies)])  # SMAC action -> SMAX action
-        self.jax = jax
+        self.jax, self.reset_all, self.step_all, self.select = smax_functions(map_name, args.state_mode, args.death_masking)
         self.num_envs = num_envs
-
-        def observe(state, obs):
-            alive = state.state.unit_alive[:n, None]
-            avail = jnp.stack([env.get_avail_actions(state)[agent] for agent in env.agents])  # [N, E, S, W, stop, attack]
-            avail = jnp.concatenate([~alive, alive, avail[:, jnp.array([0, 2, 1, 3])], avail[:, 5:]], axis=1)
-            agents_obs = jnp.stack([obs[agent] for agent in env.agents])
-            return agent_inputs(agents_obs, obs["world_state"], avail.astype(jnp.float32), args, jnp)
-
-        def reset(key):
-            key, reset_key = jax.random.split(key)
-            obs, state = env.reset(reset_key)
-            state = jax.tree.map(lambda x: jnp.asarray(x, dtype=x.dtype), state)  # no weak types: one compilation
-            return key, state, observe(state, obs)
-
-        def step(key, state, actions):
-            key, step_key = jax.random.split(key)
-            smax_actions = {agent: to_smax[actions[i]] for i, agent in enumerate(env.agents)}
-            obs, state, rewards, dones, _ = env.step_env(step_key, state, smax_actions)
-            alive = state.state.unit_alive
-            won = ~alive[n:].any() & alive[:n].any()  # SMAX's info is empty: the win comes from the post-step state
-            terminated = ~alive[n:].any() | ~alive[:n].any()
-            truncated = dones["__all__"] & ~terminated  # the episode limit
-            return key, state, observe(state, obs), rewards[env.agents[0]], terminated, truncated, won
-
-        def select(mask, new, old):
-            return jax.tree.map(lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
-
-        self.reset_all = jax.jit(jax.vmap(reset))
-        self.step_all = jax.jit(jax.vmap(step))
-        self.select = jax.jit(select)
-        self.keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(num_envs))
-        self.keys, self.states, observation = self.reset_all(self.keys)
-        self.observation = observation
-        shapes = {key: value.shape[1:] for key, value in observation.items()}
+        self.keys = self.jax.vmap(self.jax.random.PRNGKey)(self.jax.numpy.arange(num_envs))
+        self.keys, self.states, self.observation = self.reset_all(self.keys)
+        shapes = {key: value.shape[1:] for key, value in self.observation.items()}
         self.single_observation_space = gym.spaces.Dict(
             {key: gym.spaces.Box(-np.inf, np.inf, shape) for key, shape in shapes.items()}
         )
@@ -362,7 +370,7 @@ def make_envs(args, seeds):
     if args.env_backend == "smax":
         envs = SMAXEnvs(args.map, len(seeds), args)
     else:
-        make_env = [functools.partial(StarCraft2, args.map, seed, args) for seed in seeds]
+        make_env = [functools.partial(StarCraft2, args.map, seed, args.state_mode, args.death_masking) for seed in seeds]
         envs = gym.vector.AsyncVectorEnv(make_env, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
     return envs, envs.reset(seed=seeds)[0]
 
