@@ -21,8 +21,8 @@ Deviations from the reference (docs/decisions.md), each commented where it happe
   freezes every shared actor parameter; 9 one GRU cell, explicit merge(); 11 per-agent logged losses; 26 the critic
   optimiser and value normalisers continue across the switch; 29 paired seeds. SIMPLIFY 17 A, B adapters everywhere.
   KEEP 16 adapter init A = 0, B random; 18 agent biases untrained; 25 one value normaliser per agent; 28 timeouts are
-  terminal (--bootstrap-timeouts). Also: the critic's input (--state-mode) replaces the reference's agent-specific
-  feature-pruned state, which neither StarCraft package provides (docs/method.md §9).
+  terminal (--bootstrap-timeouts). 31 the critic's input (--state-mode) replaces the reference's agent-specific
+  feature-pruned state, which neither StarCraft package provides.
 """
 
 # ==== 2. IMPORTS ====

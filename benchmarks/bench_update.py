@@ -1,13 +1,15 @@
-"""Benchmark (not a test): the training update and the per-step action selection of a MaMuJoCo script on synthetic
-data with the reference's HalfCheetah 6x1 shapes (6 agents, 16 envs x 250 steps, 5 epochs, 1 minibatch, chunks of
-10), in phase lora and phase ps, with one torch thread. Optionally times the official LoRASA code's modules in the
-same run, alternating with ours (the machine's speed drifts between minutes, so only same-run ratios count):
+"""Benchmark (not a test): the training update and the per-step action selection of a script on synthetic data with
+the reference's shapes, in phase lora and phase ps, with one torch thread: MaMuJoCo HalfCheetah 6x1 (6 agents, 16 envs
+x 250 steps, 5 epochs, obs 9, state 17, 1 action dim) or SMAC 3s5z (8 agents, 10 envs x 320 steps, 5 epochs, obs 128,
+state 216, 14 actions with availability masks and dead agents). Optionally times the official LoRASA code's modules on
+the same shapes in the same run, alternating with ours (the machine's speed drifts: only same-run ratios count):
 
     python benchmarks/bench_update.py --script mappo_lorasa_mamujoco.py --rounds 2
+    python benchmarks/bench_update.py --script mappo_lorasa_smac.py --rounds 2
     LORASA_OFFICIAL_ROOT=<official tree> python benchmarks/bench_update.py --official-harness <harness.py>
 
-Action selection = one actor step for all envs and agents (what the rollout does per env step) plus the critic's
-cost per step (the scripts run the critic once per rollout over all T + 1 states; its time / T is added).
+Action selection = one actor step for all envs and agents (what the rollout does per env step) plus the critic's cost
+per step (the scripts run the critic once per rollout over all T + 1 states; its time / T is added).
 """
 
 import argparse
@@ -23,7 +25,10 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-N, E, T, OBS, STATE, ACT = 6, 16, 250, 9, 17, 1
+SHAPES = {  # agents, envs, steps, obs, state, actions (dims, or categories), the official harness's shape name
+    "mamujoco": (6, 16, 250, 9, 17, 1, "mujoco_halfcheetah_6x1"),
+    "smac": (8, 10, 320, 128, 216, 14, "smac_3s5z"),
+}
 
 
 def load(script):
@@ -36,20 +41,36 @@ def load(script):
 def ours(script, reps):
     """Median seconds of update() and milliseconds of action selection, per phase."""
     module = load(script)
+    suite = "smac" if "smac" in script else "mamujoco"
+    N, E, T, OBS, STATE, ACT, _ = SHAPES[suite]
     torch.set_num_threads(1)
     out = {}
     for phase in ("lora", "ps"):
         torch.manual_seed(0)
         args = module.finalize_args(module.Args(num_envs=E, num_steps=T, update_epochs=5, share_mode="lorasa"))
-        actor, critic, value_norm = module.GaussianActor(OBS, ACT, N, args), module.Critic(STATE, N, args), module.ValueNorm(N)
+        if suite == "smac":
+            actor = module.CategoricalActor(OBS, ACT, N, args)
+        else:
+            actor = module.GaussianActor(OBS, ACT, N, args)
+        critic, value_norm = module.Critic(STATE, N, args), module.ValueNorm(N)
         critic_optim = torch.optim.Adam(critic.parameters(), lr=3e-4, eps=1e-5)
         groups, optimizers = module.start_phase(actor, phase, args)
         buf = module.RolloutBuffer(args, N, OBS, STATE, ACT, "cpu")
         for tensor in (buf.obs, buf.state, buf.values, buf.rewards):
             tensor.normal_()
-        buf.actions.uniform_(-0.9, 0.9)
-        buf.logprobs.normal_(-0.5, 0.1)
-        buf.masks[1:, ::7] = (torch.rand(T, 1) > 0.004).float()  # a few episode ends inside the batch
+        buf.masks[1:, ::3] = (torch.rand(T, 1) > 0.015).float()  # episode ends inside the batch
+        if suite == "smac":  # random availability (moves and stop always, attacks half the time), some dead agents
+            buf.avail.copy_((torch.rand(buf.avail.shape) < 0.5).float())
+            buf.avail[..., 1:6] = 1
+            buf.avail[..., 0] = 0
+            dead = torch.rand(N, T + 1, E) < 0.2
+            buf.avail[dead] = torch.eye(ACT)[0]
+            buf.active.copy_(~dead)
+            buf.actions.copy_(torch.distributions.Categorical(probs=buf.avail[:, :-1]).sample())
+            buf.logprobs.normal_(-1.5, 0.1)
+        else:
+            buf.actions.uniform_(-0.9, 0.9)
+            buf.logprobs.normal_(-0.5, 0.1)
         returns, advantages = module.compute_returns(args, buf, value_norm)
         updates = []
         for _ in range(reps + 1):  # the first one warms up
@@ -59,15 +80,16 @@ def ours(script, reps):
         module.merge(actor, critic)
         obs, h, masks = torch.randn(N, 1, E, OBS), torch.zeros(N, E, 64), torch.ones(1, E)
         noise = torch.randn(N, E, ACT)
+        avail = buf.avail[:, :1]
 
         def act():
             with torch.inference_mode():
-                mean, std, _ = actor(obs, h, masks)
-                torch.tanh(mean[:, 0] + std[:, 0] * noise)
-
-        def critic_pass():
-            with torch.inference_mode():
-                critic(buf.state, buf.critic_h[:, 0], buf.masks)
+                if suite == "smac":
+                    logits, _ = actor(obs, h, masks, avail)
+                    (logits[:, 0] + noise).argmax(-1)
+                else:
+                    mean, std, _ = actor(obs, h, masks)
+                    torch.tanh(mean[:, 0] + std[:, 0] * noise)
 
         act_ms, critic_ms = [], []
         for _ in range(5):
@@ -76,7 +98,7 @@ def ours(script, reps):
                 act()
             act_ms.append((time.perf_counter() - start) / 200 * 1000)
             start = time.perf_counter()
-            critic_pass()
+            module.critic_values(critic, buf)
             critic_ms.append((time.perf_counter() - start) / T * 1000)
         out[phase] = dict(update_s=statistics.median(updates[1:]), actor_step_ms=statistics.median(act_ms[1:]),
                           critic_per_step_ms=statistics.median(critic_ms[1:]))  # fmt: skip
@@ -84,10 +106,10 @@ def ours(script, reps):
     return out
 
 
-def official(harness, reps):
+def official(harness, reps, shape):
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "official.json")
-        command = [sys.executable, harness, "--shapes", "mujoco_halfcheetah_6x1", "--modes", "lora", "ps", "--threads", "1",
+        command = [sys.executable, harness, "--shapes", shape, "--modes", "lora", "ps", "--threads", "1",
                    "--reps", str(reps), "--warmup", "1", "--iteration", "--json", path]  # fmt: skip
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
         with open(path) as f:
@@ -114,7 +136,8 @@ def main():
                   f"selection {result['action_selection_ms']:.3f} ms (actor {result['actor_step_ms']:.3f} + critic "
                   f"{result['critic_per_step_ms']:.3f})")  # fmt: skip
         if args.official_harness:
-            for row in official(args.official_harness, args.reps)["configs"]:
+            shape = SHAPES["smac" if "smac" in args.script else "mamujoco"][-1]
+            for row in official(args.official_harness, args.reps, shape)["configs"]:
                 timing = row["results"]["1"]
                 iteration, rollout = timing["iteration_s"]["median"], timing["rollout_s"]["median"] * 1000
                 print(f"round {round_ + 1} official mode {row['mode']}: train iteration {iteration:.3f} s, get_actions "
