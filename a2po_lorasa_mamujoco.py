@@ -711,7 +711,7 @@ def speedup_trace(deltas, rho, masks, bad_masks, gamma, lam):
 def trace_deltas(args, buf, value_norm, i, last_value):
     """Agent i's TD errors (T, E) for its trace, de-normalised with VN_i's statistics at the time of the trace:
     delta_t = r_t + gamma b_t V(s_final) + gamma V_{t+1} m_{t+1} - V_t, V_t the rollout's values, V_T = last_value
-    (normalised, from the current critic) and the bootstrap of a truncation at step t (FIX 21)."""
+    (normalised, from the current critic), b_t = buf.boot[t] = 1 where step t is a bootstrapped truncation."""
     value = value_norm.denormalize(torch.cat([buf.values[[i], :-1], last_value], dim=1), [i])[0]  # (T + 1, E)
     rewards = buf.rewards + args.gamma * buf.boot * value_norm.denormalize(buf.final_values[[i]], [i])[0]
     return rewards + args.gamma * value[1:] * buf.masks[1:] - value[:-1], value
@@ -773,6 +773,7 @@ def update(args, actor, critic, value_norm, actor_optims, actor_groups, critic_o
     N, T, E = buf.actions.shape[:3]
     data = dict(obs=buf.obs, state=buf.state, actor_h=buf.actor_h, critic_h=buf.critic_h, masks=buf.masks)
     data.update(actions=buf.actions, logprobs=buf.logprobs, values=buf.values)
+    data.update(step=torch.arange(T * E).view(T, E))  # each (t, env)'s flat index: a minibatch's look-up of cached ratios
     dims = actor.action_dims[:, None, None]  # (N, 1, 1, act_dim): 0 on padded dims (FIX 12)
     ratio_dims = dims if args.per_dim_ratio else torch.ones_like(dims[..., :1])  # a ratio per dim, or one joint ratio
     rollout_advantages = advantages  # standardised GAE advantages: the first agent's
@@ -780,7 +781,8 @@ def update(args, actor, critic, value_norm, actor_optims, actor_groups, critic_o
     targets = returns.clone()  # the critic's regression targets
     values = buf.values[:, :T]  # KEEP 24: the order score |A / V| with the normalised values (only a zero guarded)
     scores = (advantages / torch.where(values == 0, 1e-8, values)).abs().mean((1, 2))
-    cache = {}  # whole-buffer ratio of each agent, dropped when its policy changes
+    cache = {}  # whole-buffer ratio of each agent for the traces, dropped when its policy changes
+    sequence_cache = {}  # the same on the training chunks, for the others' product
     stats = defaultdict(list)
 
     def mean_ratio(log_probs, old_log_probs, agents):
@@ -802,6 +804,21 @@ def update(args, actor, critic, value_norm, actor_optims, actor_groups, critic_o
             ratios = mean_ratio(log_probs, buf.logprobs[todo].reshape(len(todo), 1, T * E, -1), todo).view(len(todo), T, E)
             cache.update({j: ratio for j, ratio in zip(todo, ratios)})
         return torch.stack([cache[j] for j in agents])
+
+    @torch.no_grad()
+    def sequence_ratios(agents):
+        """r_j over the whole buffer, (len(agents), T * E), evaluated on the training chunks from their stored start
+        hidden states as the surrogate is, under no_grad (FIX 10), batched over agents."""
+        todo = [j for j in agents if j not in sequence_cache]
+        if todo:
+            keys = ("obs", "actor_h", "actions", "logprobs")
+            todo_data = dict({key: data[key][todo] for key in keys}, masks=buf.masks, step=data["step"])
+            chunks = next(chunk_minibatches(todo_data, T, args.data_chunk_length, 1))
+            mean, std, _ = actor(chunks["obs"], chunks["actor_h"], chunks["masks"], todo)
+            ratios = mean_ratio(squashed_log_prob(mean, std, chunks["actions"]), chunks["logprobs"], todo)
+            for j, ratio in zip(todo, ratios):
+                sequence_cache[j] = torch.empty(T * E).index_put_((chunks["step"].flatten(),), ratio.flatten())
+        return torch.stack([sequence_cache[j] for j in agents])
 
     @torch.no_grad()
     def trace_update(i, agents):
@@ -836,31 +853,26 @@ def update(args, actor, critic, value_norm, actor_optims, actor_groups, critic_o
 
     def turn(i, others, eps):
         """Agent i's epochs: [--two-stage: a critic-only pass over its minibatches], then an actor step on the surrogate
-        and a critic step per minibatch. Only the rows the turn reads are chunked: agent i (row 0), then `others`."""
+        and a critic step per minibatch, on agent i's rows; the others' ratios come from sequence_ratios."""
         optimizer, group = (actor_optims[0], actor_groups[0]) if phase == "ps" else (actor_optims[i], actor_groups[i])
-        rows = [i, *others]
-        turn_data = {key: x[rows] if x.dim() > 2 else x for key, x in data.items()}
-        turn_data.update(advantages=advantages[rows], returns=targets[rows])
+        turn_data = {key: x[[i]] if x.dim() > 2 else x for key, x in data.items()}
+        turn_data.update(advantages=advantages[[i]], returns=targets[[i]])
         for _ in range(1 if args.a2po_loop == "ppo" else args.update_epochs):
             minibatches = list(chunk_minibatches(turn_data, T, args.data_chunk_length, args.num_minibatches))
             for mb in minibatches if args.two_stage else []:
-                critic_step(i, {key: x if x.dim() == 2 else x[:1] for key, x in mb.items()})
+                critic_step(i, mb)
             for mb in minibatches:
-                mb_i = {key: x if x.dim() == 2 else x[:1] for key, x in mb.items()}
-                others_ratio = torch.ones_like(mb_i["advantages"])
+                others_ratio = torch.ones_like(mb["advantages"])
                 if others:  # FIX 10: the other agents' current ratios on the same samples, under no_grad
-                    with torch.no_grad():
-                        mean, std, _ = actor(mb["obs"][1:], mb["actor_h"][1:], mb["masks"], others)
-                        product = mean_ratio(squashed_log_prob(mean, std, mb["actions"][1:]), mb["logprobs"][1:], others)
-                        product = product.prod(0, keepdim=True)
+                    product = sequence_ratios(others).prod(0)[mb["step"]][None]
                     others_ratio = product.clamp(1 - args.others_clip_coef, 1 + args.others_clip_coef)  # as a whole
                     stats["others_ratio"].append(product.flatten())
-                mean, std, _ = actor(mb_i["obs"], mb_i["actor_h"], mb_i["masks"], [i])
-                log_ratio = (squashed_log_prob(mean, std, mb_i["actions"]) - mb_i["logprobs"]) * dims[[i]]
+                mean, std, _ = actor(mb["obs"], mb["actor_h"], mb["masks"], [i])
+                log_ratio = (squashed_log_prob(mean, std, mb["actions"]) - mb["logprobs"]) * dims[[i]]
                 if not args.per_dim_ratio:  # KEEP 19: by default a ratio and a clip per action dim, summed
                     log_ratio = log_ratio.sum(-1, keepdim=True)
                 ratio = log_ratio.exp() * others_ratio[..., None]
-                advantage = mb_i["advantages"][..., None]
+                advantage = mb["advantages"][..., None]
                 surrogate = torch.min(ratio * advantage, ratio.clamp(1 - eps, 1 + eps) * advantage)
                 policy_loss = -(surrogate * ratio_dims[[i]]).sum(-1)
                 entropy = (squashed_entropy(mean, std) * dims[[i]]).sum(-1)
@@ -868,15 +880,16 @@ def update(args, actor, critic, value_norm, actor_optims, actor_groups, critic_o
                 optimizer.zero_grad()
                 (loss / N if phase == "ps" else loss).backward()  # phase ps divides agent i's loss by n
                 stats["actor_grad_norm"].append(clip_and_step([optimizer], [group], args.max_grad_norm))
-                critic_step(i, mb_i)
+                for j in range(N) if phase == "ps" else [i]:  # whose policy changed: everyone's (shared weights) or i's
+                    cache.pop(j, None)
+                    sequence_cache.pop(j, None)
+                critic_step(i, mb)
                 with torch.no_grad():
                     entries = (ratio_dims[[i]] * torch.ones_like(log_ratio)).sum().item()
                     stats["approx_kl"].append(((log_ratio.exp() - 1 - log_ratio) * ratio_dims[[i]]).sum().item() / entries)
                     stats["clipfrac"].append((((ratio - 1).abs() > eps) * ratio_dims[[i]]).sum().item() / entries)
                 stats["policy_loss"].append(policy_loss.mean().item())
                 stats["entropy"].append(entropy.mean().item())
-        for j in range(N) if phase == "ps" else [i]:  # whose policy changed: everyone's (shared weights) or agent i's
-            cache.pop(j, None)
 
     positions = [0] * N
     clips = {}

@@ -6,6 +6,7 @@ the same shapes in the same run, alternating with ours (the machine's speed drif
 
     python benchmarks/bench_update.py --script mappo_lorasa_mamujoco.py --rounds 2
     python benchmarks/bench_update.py --script mappo_lorasa_smac.py --rounds 2
+    python benchmarks/bench_update.py --script mappo_lorasa_smac.py a2po_lorasa_smac.py     # A2PO / MAPPO, alternated
     LORASA_OFFICIAL_ROOT=<official tree> python benchmarks/bench_update.py --official-harness <harness.py>
 
 Action selection = one actor step for all envs and agents (what the rollout does per env step) plus the critic's cost
@@ -118,34 +119,43 @@ def official(harness, reps, shape):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--script", default="mappo_lorasa_mamujoco.py")
+    parser.add_argument("--script", nargs="+", default=["mappo_lorasa_mamujoco.py"], help="one or more scripts, alternated")
     parser.add_argument("--reps", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--official-harness", default=None, help="the official-code timing harness (a .py file)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:  # one measurement in a fresh process with one OpenMP thread
-        print(json.dumps(ours(args.script, args.reps)))
+        print(json.dumps(ours(args.script[0], args.reps)))
         return
     for round_ in range(args.rounds):
-        command = [sys.executable, __file__, "--worker", "--script", args.script, "--reps", str(args.reps)]
-        worker = subprocess.run(command, check=True, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-        mine = json.loads(worker.stdout)
-        for phase, result in mine.items():
-            print(f"round {round_ + 1} ours {args.script} phase {phase}: update {result['update_s']:.3f} s, action "
-                  f"selection {result['action_selection_ms']:.3f} ms (actor {result['actor_step_ms']:.3f} + critic "
-                  f"{result['critic_per_step_ms']:.3f})")  # fmt: skip
+        mine = {}
+        for script in args.script:
+            command = [sys.executable, __file__, "--worker", "--script", script, "--reps", str(args.reps)]
+            env = dict(os.environ, OMP_NUM_THREADS="1")
+            mine[script] = json.loads(subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout)
+            for phase, result in mine[script].items():
+                print(f"round {round_ + 1} ours {script} phase {phase}: update {result['update_s']:.3f} s, action "
+                      f"selection {result['action_selection_ms']:.3f} ms (actor {result['actor_step_ms']:.3f} + critic "
+                      f"{result['critic_per_step_ms']:.3f})")  # fmt: skip
+            print(f"  phase lora / phase ps update: {mine[script]['lora']['update_s'] / mine[script]['ps']['update_s']:.2f}x")
+        if len(args.script) > 1:
+            first = mine[args.script[0]]
+            for script in args.script[1:]:
+                ratios = ", ".join(f"phase {p} {mine[script][p]['update_s'] / first[p]['update_s']:.2f}x" for p in first)
+                print(f"  update {script} / {args.script[0]}: {ratios}")
         if args.official_harness:
-            shape = SHAPES["smac" if "smac" in args.script else "mamujoco"][-1]
+            first = mine[args.script[0]]
+            shape = SHAPES["smac" if "smac" in args.script[0] else "mamujoco"][-1]
             for row in official(args.official_harness, args.reps, shape)["configs"]:
                 timing = row["results"]["1"]
                 iteration, rollout = timing["iteration_s"]["median"], timing["rollout_s"]["median"] * 1000
                 print(f"round {round_ + 1} official mode {row['mode']}: train iteration {iteration:.3f} s, get_actions "
                       f"{rollout:.3f} ms")  # fmt: skip
                 if row["mode"] == "lora":
-                    print(f"  official lora / ours: update {iteration / mine['lora']['update_s']:.2f}x (phase lora), "
-                          f"{iteration / mine['ps']['update_s']:.2f}x (phase ps); action selection "
-                          f"{rollout / mine['lora']['action_selection_ms']:.2f}x")  # fmt: skip
+                    print(f"  official lora / {args.script[0]}: update {iteration / first['lora']['update_s']:.2f}x (phase "
+                          f"lora), {iteration / first['ps']['update_s']:.2f}x (phase ps); action selection "
+                          f"{rollout / first['lora']['action_selection_ms']:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

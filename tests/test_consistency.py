@@ -16,6 +16,8 @@ ALGORITHM_PARTS = {"Args", "finalize_args", "update"}
 # May differ between suites (identical within one): the environment, the action distribution and the masks.
 SUITE_PARTS = {"SUITE_DEFAULTS", "TASK_DEFAULTS", "TASK_KEYS", "POSITIVE", "make_envs", "RolloutBuffer", "collect_rollout",
                "compute_returns", "evaluate"}  # fmt: skip
+# A2PO arguments whose default is the reference's per suite (SMAC: the ppo loop, the retrace trace, one-stage critic).
+SUITE_FIELDS = {"Args.a2po_loop", "Args.trace_variant", "Args.two_stage"}
 BANNERS = ["DOCSTRING", "IMPORTS", "ARGS", "ENVIRONMENT", "LAYERS", "ACTOR, CRITIC, VALUENORM",
            "ROLLOUT BUFFER, CHUNKS, GAE", "UPDATE", "EVALUATION", "CHECKPOINTS", "MAIN"]  # fmt: skip
 
@@ -61,7 +63,7 @@ def mismatches(texts):
                 continue
             same_suite = suite(a) == suite(b)
             for name in set(parsed[a]) & set(parsed[b]):
-                allowed = name in ALGORITHM_PARTS or (name in SUITE_PARTS | {"__main__"} and not same_suite)
+                allowed = name in ALGORITHM_PARTS or (name in SUITE_PARTS | SUITE_FIELDS | {"__main__"} and not same_suite)
                 if parsed[a][name] != parsed[b][name] and not allowed:
                     bad.add(name)
     return sorted(bad)

@@ -229,13 +229,16 @@ def test_unavailable_actions_are_never_sampled_and_get_no_gradient():
     )
 
 
-def test_dead_steps_do_not_enter_the_policy_loss():
-    """Active masks: advantages and actions at steps where an agent is dead change nothing in the update."""
-    S = load_script(SMAC[0])
+@pytest.mark.parametrize("script", SMAC, ids=lambda s: s[:-3])
+def test_dead_steps_do_not_enter_the_policy_loss(script):
+    """Active masks: advantages and actions at steps where an agent is dead change nothing in the update (A2PO: in its
+    others' ratios and traces either; a fixed order, since the order score reads every step as the reference's does)."""
+    S = load_script(script)
     results = []
     for change in (False, True):
         torch.manual_seed(0)
-        args = make_args(S, map="3m", env_backend="smax", num_envs=3, num_steps=20, update_epochs=2, share_mode="ps")
+        kw = dict(a2po_order="cyclic") if script.startswith("a2po") else {}
+        args = make_args(S, map="3m", env_backend="smax", num_envs=3, num_steps=20, update_epochs=2, share_mode="ps", **kw)
         actor, critic, value_norm = S.CategoricalActor(12, 9, 2, args), S.Critic(15, 2, args), S.ValueNorm(2)
         groups, optimizers = S.start_phase(actor, "ps", args)
         critic_optim = torch.optim.Adam(critic.parameters(), lr=1e-3)
@@ -244,7 +247,7 @@ def test_dead_steps_do_not_enter_the_policy_loss():
         buf.obs.normal_(generator=generator)
         buf.state.normal_(generator=generator)
         buf.actions.random_(1, 9, generator=generator)
-        buf.logprobs.fill_(-2.0)
+        buf.logprobs.fill_(-np.log(9))  # about the initial policy's: ratios near 1, inside the clips
         buf.active[1, 5:15] = 0  # agent 1 dead from step 5 to 14
         advantages = torch.randn(2, 20, 3, generator=generator)
         returns = torch.randn(2, 20, 3, generator=generator)
