@@ -40,7 +40,8 @@ def raw_smax_sps(module, options, steps):
     args = module.finalize_args(module.Args(map=options.map, env_backend="smax", num_envs=options.num_envs))
     envs, observation = module.make_envs(args, list(range(options.num_envs)))
     rng = np.random.default_rng(0)
-    envs.step(np.ones((options.num_envs, observation["avail"].shape[1]), int))  # compiles
+    envs.step(np.ones((options.num_envs, observation["avail"].shape[1]), int))  # compiles the step
+    envs.reset(options={"reset_mask": np.arange(options.num_envs) % 2 == 0})  # and the partial reset
     start = time.perf_counter()
     for _ in range(steps):
         avail = observation["avail"]

@@ -81,7 +81,7 @@ def ours(script, reps):
         module.merge(actor, critic)
         obs, h, masks = torch.randn(N, 1, E, OBS), torch.zeros(N, E, 64), torch.ones(1, E)
         noise = torch.randn(N, E, ACT)
-        avail = buf.avail[:, :1]
+        avail = buf.avail[:, :1] if suite == "smac" else None
 
         def act():
             with torch.inference_mode():
