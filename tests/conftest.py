@@ -1,10 +1,14 @@
 """Shared helpers: the scripts are loaded as modules (their `__main__` part does not run on import)."""
 
+import glob
 import importlib.util
 import os
+import subprocess
 import sys
 
 import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["mappo_lorasa_mamujoco.py", "a2po_lorasa_mamujoco.py", "mappo_lorasa_smac.py", "a2po_lorasa_smac.py"]
@@ -34,3 +38,58 @@ def script(request):
 def make_args(module, **kw):
     """Effective Args as the script computes them (defaults filled, derived fields set)."""
     return module.finalize_args(module.Args(**kw))
+
+
+def run(script, args, cwd, env=None, check=True):
+    """A script as users run it, in a subprocess in `cwd`; on failure the assertion shows the end of its output."""
+    res = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True, cwd=cwd,
+                         timeout=400, env=dict(os.environ, **(env or {})))  # fmt: skip
+    if check:
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return res
+
+
+def scalars(run_dir):
+    """{tag: [(step, value), ...]} of a run's TensorBoard scalars."""
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def only_run(cwd):
+    runs = glob.glob(os.path.join(cwd, "runs", "*"))
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def record_actor_steps(actor, optimizers):
+    """Wrap every optimiser's step: the returned list gets (optimiser index, names of the actor parameters it changed)."""
+    steps = []
+    for k, optimizer in enumerate(optimizers):
+        original = optimizer.step
+
+        def step(*a, _original=original, _k=k, **kw):
+            before = {n: p.detach().clone() for n, p in actor.named_parameters()}
+            out = _original(*a, **kw)
+            steps.append((_k, {n for n, p in actor.named_parameters() if not torch.equal(before[n], p)}))
+            return out
+
+        optimizer.step = step
+    return steps
+
+
+def assert_only_the_current_agent_moved(steps, actor, groups, stats, mode, loop, N, epochs):
+    """A2PO's turns, from record_actor_steps: lorasa - each step moves only agent k's adapters; nps - only agent k's
+    network; ps - the shared network, one optimiser stepping once per turn; the agent loop's turns follow the order."""
+    names = {id(p): n for n, p in actor.named_parameters()}
+    assert len(steps) == N * epochs
+    for k, moved in steps:
+        assert moved, k
+        if mode == "ps":
+            assert k == 0 and all("lora_" not in n for n in moved)
+        else:
+            assert moved <= {names[id(p)] for p in groups[k]}, k
+    if mode != "ps" and loop == "agent":  # each agent's turn is contiguous and follows the logged order
+        order = sorted(range(N), key=lambda i: stats[f"a2po/order_pos/agent_{i}"])
+        assert [k for k, _ in steps] == [i for i in order for _ in range(epochs)]
+    assert {"a2po/others_ratio_mean", "a2po/trace_rho_mean", f"a2po/clip_eps/pos_{N}"} <= set(stats)

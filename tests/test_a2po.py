@@ -4,7 +4,7 @@ order, the reduction to PPO, the trace's de-normalisation, and that in agent k's
 import numpy as np
 import pytest
 import torch
-from conftest import load_script, make_args
+from conftest import assert_only_the_current_agent_moved, load_script, make_args, record_actor_steps
 
 A = load_script("a2po_lorasa_mamujoco.py")
 M = load_script("mappo_lorasa_mamujoco.py")
@@ -170,27 +170,6 @@ def test_only_the_current_agent_changes_during_its_turn(mode, loop):
         with torch.no_grad():
             for p in (p for group in groups for p in group):
                 p.add_(0.1 * torch.randn_like(p))
-    steps = []
-    for k, optimizer in enumerate(optimizers):
-        original = optimizer.step
-
-        def step(*a, _original=original, _k=k, **kw):
-            before = {n: p.detach().clone() for n, p in actor.named_parameters()}
-            out = _original(*a, **kw)
-            steps.append((_k, {n for n, p in actor.named_parameters() if not torch.equal(before[n], p)}))
-            return out
-
-        optimizer.step = step
+    steps = record_actor_steps(actor, optimizers)
     stats = A.update(args, actor, critic, value_norm, optimizers, groups, critic_optim, buf, returns, advantages, phase)
-    names = {id(p): n for n, p in actor.named_parameters()}
-    assert len(steps) == N * args.update_epochs
-    for k, moved in steps:
-        assert moved, k
-        if mode == "ps":
-            assert k == 0 and all("lora_" not in n for n in moved)
-        else:
-            assert moved <= {names[id(p)] for p in groups[k]}, k
-    if mode != "ps" and loop == "agent":  # each agent's turn is contiguous and follows the logged order
-        order = sorted(range(N), key=lambda i: stats[f"a2po/order_pos/agent_{i}"])
-        assert [k for k, _ in steps] == [i for i in order for _ in range(args.update_epochs)]
-    assert {"a2po/others_ratio_mean", "a2po/trace_rho_mean", "a2po/clip_eps/pos_3"} <= set(stats)
+    assert_only_the_current_agent_moved(steps, actor, groups, stats, mode, loop, N, args.update_epochs)

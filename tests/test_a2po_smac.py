@@ -8,8 +8,16 @@ import os
 
 import pytest
 import torch
-from conftest import load_script, make_args, present
-from test_smac import only_run, run, scalars
+from conftest import (
+    assert_only_the_current_agent_moved,
+    load_script,
+    make_args,
+    only_run,
+    present,
+    record_actor_steps,
+    run,
+    scalars,
+)
 
 pytestmark = pytest.mark.skipif(not present(["a2po_lorasa_smac.py"]), reason="a2po_lorasa_smac.py is not there yet")
 A = load_script("a2po_lorasa_smac.py") if present(["a2po_lorasa_smac.py"]) else None
@@ -84,30 +92,9 @@ def test_only_the_current_agent_changes_during_its_turn_with_dead_agents(mode, l
     N = 3
     args, actor, critic, value_norm, optimizers, groups, critic_optim, phase = build(A, mode, N, a2po_loop=loop)
     buf, returns, advantages = synthetic(args, N)
-    steps = []
-    for k, optimizer in enumerate(optimizers):
-        original = optimizer.step
-
-        def step(*a, _original=original, _k=k, **kw):
-            before = {n: p.detach().clone() for n, p in actor.named_parameters()}
-            out = _original(*a, **kw)
-            steps.append((_k, {n for n, p in actor.named_parameters() if not torch.equal(before[n], p)}))
-            return out
-
-        optimizer.step = step
+    steps = record_actor_steps(actor, optimizers)
     stats = A.update(args, actor, critic, value_norm, optimizers, groups, critic_optim, buf, returns, advantages, phase)
-    names = {id(p): n for n, p in actor.named_parameters()}
-    assert len(steps) == N * args.update_epochs
-    for k, moved in steps:
-        assert moved, k
-        if mode == "ps":
-            assert k == 0 and all("lora_" not in n for n in moved)
-        else:
-            assert moved <= {names[id(p)] for p in groups[k]}, k
-    if mode != "ps" and loop == "agent":  # each agent's turn is contiguous and follows the logged order
-        order = sorted(range(N), key=lambda i: stats[f"a2po/order_pos/agent_{i}"])
-        assert [k for k, _ in steps] == [i for i in order for _ in range(args.update_epochs)]
-    assert {"a2po/others_ratio_mean", "a2po/trace_rho_mean", "a2po/clip_eps/pos_3"} <= set(stats)
+    assert_only_the_current_agent_moved(steps, actor, groups, stats, mode, loop, N, args.update_epochs)
 
 
 def test_traces_use_unit_ratios_for_dead_agents_and_standardise_over_active_entries(monkeypatch):

@@ -2,7 +2,6 @@
 trips (PS -> LoRA fine-tuning with other adapter settings, --eval-only, --resume), paired seeds, divergence and the
 one-line bad-input errors."""
 
-import glob
 import os
 import signal
 import subprocess
@@ -11,33 +10,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import MAMUJOCO, ROOT, load_script, make_args, present
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from conftest import MAMUJOCO, ROOT, load_script, make_args, only_run, present, run, scalars
 
 # 4 iterations of 2 envs x 20 steps, 60-step episodes, the switch after 2 iterations
 TINY = ["--num-envs", "2", "--num-steps", "20", "--total-timesteps", "160", "--lora-start", "80", "--eval-interval", "2",
         "--eval-episodes", "2", "--max-episode-steps", "60"]  # fmt: skip
 SHORT = ["--num-envs", "2", "--num-steps", "20", "--eval-episodes", "1", "--max-episode-steps", "30"]
-
-
-def run(script, args, cwd, check=True):
-    res = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True, cwd=cwd,
-                         timeout=300)  # fmt: skip
-    if check:
-        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    return res
-
-
-def scalars(run_dir):
-    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    accumulator.Reload()
-    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
-
-
-def only_run(cwd):
-    runs = glob.glob(os.path.join(cwd, "runs", "*"))
-    assert len(runs) == 1, runs
-    return runs[0]
 
 
 def load(path):

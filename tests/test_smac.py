@@ -1,42 +1,19 @@
 """The StarCraft scripts: SMAX end to end (the real JaxMARL environment), the StarCraft II adapter against a stand-in
 of smac's and smacv2's API (tests/standin; StarCraft II cannot run here), the masks, the win flag and bad input."""
 
-import glob
 import importlib.util
 import inspect
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SCRIPTS, load_script, make_args, present
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from conftest import ROOT, SCRIPTS, load_script, make_args, only_run, present, run, scalars
 
 SMAC = present([s for s in SCRIPTS if s.endswith("smac.py")])
 STANDIN = os.path.join(ROOT, "tests", "standin")
 TINY = ["--map", "3m", "--num-envs", "2", "--num-steps", "40", "--eval-episodes", "2"]
-
-
-def run(script, args, cwd, env=None, check=True):
-    res = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True, cwd=cwd,
-                         timeout=400, env=dict(os.environ, **(env or {})))  # fmt: skip
-    if check:
-        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    return res
-
-
-def scalars(run_dir):
-    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    accumulator.Reload()
-    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
-
-
-def only_run(cwd):
-    runs = glob.glob(os.path.join(cwd, "runs", "*"))
-    assert len(runs) == 1, runs
-    return runs[0]
 
 
 @pytest.fixture(scope="module")
