@@ -1,0 +1,133 @@
+"""benchmarks/study.py: the paired design of each study, a tiny study end to end (CSV, summary, figures), a second
+invocation that skips finished runs, an interrupted run resumed through submitit's in-process executor, bad input."""
+
+import csv
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("study", os.path.join(ROOT, "benchmarks", "study.py"))
+study = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(study)
+TINY = ["--scenario", "HalfCheetah", "--agent-conf", "2x3", "--num-envs", "2", "--num-steps", "20", "--eval-interval", "2",
+        "--eval-episodes", "2", "--max-episode-steps", "40"]  # fmt: skip
+
+
+def study_command(cwd, *options, check=True):
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "study.py"), *options]
+    res = subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=600)
+    if check:
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+@pytest.mark.parametrize("name", ["baselines", "rank", "placement", "timing"])
+def test_every_phase_two_run_starts_from_its_own_seeds_pretraining(name):
+    args = study.Args(study=name, seeds=(1, 2), ranks=(2, 8), placements=("mlp", "head"), fractions=(0.25, 0.5))
+    runs = study.study_runs(args)
+    names = [run.name for run in runs]
+    assert len(set(names)) == len(names)
+    for run in runs:
+        total = run.flags[run.flags.index("--total-timesteps") + 1]
+        if run.after is not None:  # phase 2 from the same seed's pretraining, to the same total budget
+            assert run.after == f"pretrain__seed{run.seed}" and total == "2000000"
+        elif name == "timing":
+            assert total == "2000000" and ("--lora-start" in run.flags) == (run.treatment != "ps")
+        else:
+            assert run.treatment in ("pretrain", "nps")
+    treatments = {run.treatment for run in runs}
+    expected = {
+        "baselines": {"pretrain", "ps", "lorasa-r8", "nps"},
+        "rank": {"pretrain", "ps", "lorasa-r2", "lorasa-r8"},
+        "placement": {"pretrain", "ps", "lorasa-mlp", "lorasa-head"},
+        "timing": {"ps", "switch@0.25", "switch@0.5"},
+    }
+    assert treatments == expected[name]
+    if name == "timing":
+        starts = {run.flags[run.flags.index("--lora-start") + 1] for run in runs if "--lora-start" in run.flags}
+        assert starts == {"500000", "1000000"}  # the fractions of P + Q
+
+
+def test_tiny_study_end_to_end_then_skipped_then_resumed(tmp_path):
+    options = ["rank", "--ranks", "4", "--seeds", "1", "2", "--pretrain-steps", "80", "--finetune-steps", "80", "--"]
+    res = study_command(tmp_path, *options, *TINY)
+    folder = tmp_path / "studies" / "rank__mappo_lorasa_mamujoco__HalfCheetah-2x3"
+    assert "0 of 6 runs already finished" in res.stdout and "lorasa-r4: IQM" in res.stdout
+    for name in ("evaluations.csv", "summary.csv", "curves.png", "final.png", "profile.png", "study.json"):
+        assert (folder / name).stat().st_size > 0, name
+    with open(folder / "evaluations.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(row["treatment"], row["seed"]) for row in rows} == {(t, s) for t in ("pretrain", "ps", "lorasa-r4") for s in "12"}
+    pretrain_end = {row["seed"]: row["eval_return"] for row in rows if row["treatment"] == "pretrain" and row["step"] == "80"}
+    for row in rows:  # phase 2 starts from the pretrained policy: its first evaluation is the pretraining's last
+        if row["treatment"] != "pretrain" and row["step"] == "80":
+            assert row["eval_return"] == pretrain_end[row["seed"]]
+    with open(folder / "summary.csv") as f:
+        summary = {row["treatment"]: row for row in csv.DictReader(f)}
+    assert set(summary) == {"ps", "lorasa-r4"} and summary["lorasa-r4"]["wins_vs_ps"].endswith("/2")
+    trainer_folders = sorted(glob.glob(str(folder / "*" / "*__*")))
+
+    res = study_command(tmp_path, *options, *TINY)  # a second invocation: nothing runs again
+    assert "6 of 6 runs already finished; 0 to run" in res.stdout
+    assert sorted(glob.glob(str(folder / "*" / "*__*"))) == trainer_folders
+
+    os.remove(folder / "lorasa-r4__seed2" / "finished.json")  # as if interrupted after a checkpoint at step 120 of 160
+    (checkpoint_path,) = glob.glob(str(folder / "lorasa-r4__seed2" / "*" / "checkpoint.pt"))
+    checkpoint = torch.load(checkpoint_path, weights_only=True)
+    torch.save({**checkpoint, "global_step": 120, "iteration": 3}, checkpoint_path)
+    res = study_command(tmp_path, *options[:-1], "--launcher", "debug", "--", *TINY)
+    assert "5 of 6 runs already finished; 1 to run" in res.stdout and "lorasa-r4__seed2: exit code 0" in res.stdout
+    with open(folder / "lorasa-r4__seed2" / "finished.json") as f:
+        assert "--resume" in json.load(f)["command"]
+    assert sorted(glob.glob(str(folder / "*" / "*__*"))) == trainer_folders  # continued in its own folder
+    assert torch.load(checkpoint_path, weights_only=True)["global_step"] == 160
+    os.remove(folder / "ps__seed1" / "finished.json")  # interrupted after its final checkpoint: only marked finished
+    res = study_command(tmp_path, *options, *TINY)
+    assert "1 to run" in res.stdout and "finished ps__seed1" in res.stdout
+    with open(folder / "ps__seed1" / "finished.json") as f:
+        assert json.load(f)["command"] is None
+
+    res = study_command(tmp_path, "rank", "--pretrain-steps", "160", "--", *TINY, check=False)  # another design: refused
+    assert (
+        res.returncode == 2 and "holds a study with other settings" in res.stderr and "pretrain_steps 80 -> 160" in res.stderr
+    )
+
+
+def test_bad_input_is_refused_in_one_line(tmp_path):
+    for options, needle in ((["placement", "--placements", "foo", "--"], "accepted: all mlp gru head no_head"),
+                            (["baselines", "--", "--seed", "3"], "may not set --seed"),
+                            (["baselines", "--script", "x.py"], "accepted: a2po_lorasa_mamujoco.py"),
+                            (["timing", "--fractions", "1.5"], "0 < fraction < 1")):  # fmt: skip
+        res = study_command(tmp_path, *options, check=False)
+        assert res.returncode == 2 and res.stderr.count("\n") == 1 and needle in res.stderr, res.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_docs_results_come_from_the_committed_csvs():
+    """docs/results.md shows the tables that the committed CSVs give: each study's summary recomputed from its
+    evaluations.csv equals its summary.csv, and both that table and the cost-scaling table appear in docs/results.md."""
+    folders = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(ROOT, "docs", "results", "*", "evaluations.csv")))
+    if not folders:
+        pytest.skip("no committed study results")
+    with open(os.path.join(ROOT, "docs", "results.md")) as f:
+        text = f.read()
+    for folder in folders:
+        with open(os.path.join(folder, "evaluations.csv")) as f:
+            rows = list(csv.DictReader(f))
+        with open(os.path.join(folder, "summary.csv")) as f:
+            committed = [{key: value for key, value in row.items() if value != ""} for row in csv.DictReader(f)]
+        summary = study.summarize(rows, 1)[-1]
+        assert [{key: str(value) for key, value in row.items()} for row in summary] == committed, folder
+        assert study.summary_table(summary) in text, folder
+    spec = importlib.util.spec_from_file_location("bench_scaling", os.path.join(ROOT, "benchmarks", "bench_scaling.py"))
+    scaling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scaling)
+    with open(os.path.join(ROOT, "docs", "results", "scaling", "scaling.csv")) as f:
+        assert scaling.scaling_table(list(csv.DictReader(f))) in text
