@@ -1,7 +1,8 @@
 """Benchmark (not a test): what ps, lorasa and nps cost as the number of agents grows, side by side in one run. For
 MaMuJoCo partitions with 2 to 17 agents and SMAX maps with 3 to 27 agents: actor parameters, the seconds of one
 training update on synthetic data with the task's real dimensions, and the peak memory that the networks, the rollout
-buffer and the update add to the process. Writes scaling.csv and scaling.png (one figure, three panels).
+buffer and the update add to the process. Writes scaling.csv, scaling.md (its table) and scaling.png (one figure,
+three panels); --report-only rebuilds the last two from the CSV.
 
     python benchmarks/bench_scaling.py --rounds 2 --report-dir docs/results/scaling
 
@@ -139,9 +140,9 @@ def plot(rows, path):
                 if points:
                     axis.plot(*zip(*points), style, color=color, label=f"{mode}, {suite}")
         axis.set(xlabel="agents", title=title, yscale="log" if key == "actor_params" else "linear")
-    axes[0].legend(fontsize=8)
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=6, fontsize=9)
     figure.suptitle("Cost as agents grow: MaMuJoCo 16 x 250 and SMAX 10 x 320 env steps per iteration, 5 epochs, r = 8")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
     figure.savefig(path, dpi=120)
 
 
@@ -150,8 +151,12 @@ def main():
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--report-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--report-only", action="store_true", help="rebuild scaling.md and scaling.png from scaling.csv")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     options = parser.parse_args()
+    if options.report_only:
+        report(options.report_dir)
+        return
     if options.worker:
         script, task, mode = options.worker
         print(json.dumps(worker(script, json.loads(task), mode, options.reps)))
@@ -180,12 +185,20 @@ def main():
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in row.items()} for row in rows)
-    with open(os.path.join(options.report_dir, "scaling.csv")) as f:
-        table = scaling_table(list(csv.DictReader(f)))
-    with open(os.path.join(options.report_dir, "scaling.md"), "w") as f:
-        f.write(table)
-    plot(rows, os.path.join(options.report_dir, "scaling.png"))
-    print(f"scaling.csv and scaling.png in {options.report_dir}")
+    report(options.report_dir)
+
+
+def report(report_dir):
+    """scaling.md and scaling.png from scaling.csv (the figure from the same rounded numbers as the table)."""
+    with open(os.path.join(report_dir, "scaling.csv")) as f:
+        rows = list(csv.DictReader(f))
+    with open(os.path.join(report_dir, "scaling.md"), "w") as f:
+        f.write(scaling_table(rows))
+    numbers = [
+        {**row, **{key: float(row[key]) for key in ("n_agents", "actor_params", "update_s", "peak_mib")}} for row in rows
+    ]
+    plot(numbers, os.path.join(report_dir, "scaling.png"))
+    print(f"scaling.csv, scaling.md and scaling.png in {report_dir}")
 
 
 if __name__ == "__main__":
