@@ -4,8 +4,8 @@ and paired differences, and the figures.
 
     python benchmarks/study.py baselines --script mappo_lorasa_mamujoco.py -- --scenario HalfCheetah --agent-conf 2x3
     python benchmarks/study.py rank --ranks 1 4 8 16 --script mappo_lorasa_smac.py -- --map 3m
-    python benchmarks/study.py timing --fractions 0.1 0.25 0.5 --seeds 1 2 3 4 5 -- --map 3s5z
-    python benchmarks/study.py baselines --launcher slurm --slurm-partition cpu -- --map 3s5z   # through submitit
+    python benchmarks/study.py timing --fractions 0.1 0.25 0.5 --seeds 1 2 3 4 5 --script mappo_lorasa_smac.py -- --map 3s5z
+    python benchmarks/study.py baselines --script a2po_lorasa_smac.py --launcher slurm --slurm-partition cpu -- --map 3s5z
 
 Everything after `--` goes to every run (the task and any other flag of the script). Studies (P = --pretrain-steps,
 Q = --finetune-steps):
@@ -21,17 +21,21 @@ Each run is a separate process (`--threads` torch threads) of the script, in <ou
 Running the same command again skips finished runs, resumes unfinished ones from their checkpoint and rebuilds the
 report; nothing is deleted. Local runs use a process pool of --workers (default: cores // --threads); `--launcher
 slurm` submits them through submitit in two waves (pretraining, then phase 2). The report (evaluations.csv,
-summary.csv, curves.png, final.png, profile.png) goes to --report-dir (default: the study folder). Score: the
-evaluation win rate on StarCraft, the evaluation return on MaMuJoCo; the final score of a run is the mean of its last
---final-evals evaluations.
+summary.csv, summary.md, command.txt, curves.png, final.png, profile.png) goes to --report-dir (default: the study
+folder). Score: the evaluation win rate on StarCraft, the evaluation return on MaMuJoCo; the final score of a run is
+the mean of its last --final-evals evaluations. `--report-only` starts nothing and rebuilds the report; without the
+runs (a fresh clone of the repository) it rebuilds the summary and the figures from the evaluations.csv already in
+--report-dir.
 """
 
 import concurrent.futures
 import csv
 import glob
+import importlib.util
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -74,8 +78,9 @@ class Args:
     out: str = "studies"  # parent folder of the study folders (runs, checkpoints, logs)
     report_dir: Optional[str] = None  # where the CSVs and figures go (default: the study folder)
     final_evals: int = 1  # the final score of a run: the mean of its last this many evaluations
-    report_only: bool = False  # rebuild the report from the finished runs, start nothing
+    report_only: bool = False  # rebuild the report from the finished runs (none: from --report-dir's evaluations.csv)
     run_flags: tyro.conf.Suppress[List[str]] = field(default_factory=list)  # what follows `--` on the command line
+    command: tyro.conf.Suppress[str] = ""  # the command that runs the study (command.txt of the report)
 
 
 @dataclass
@@ -130,6 +135,23 @@ def study_runs(args):
             layers = ["--lora-layers", *PLACEMENTS[placement], "--rank", str(args.rank)]
             runs.append(Run(f"lorasa-{placement}", seed, ["--share-mode", "lorasa", *layers, *phase2], pretrain.name))
     return runs
+
+
+def check_run_flags(args, runs):
+    """Every run's command line through the script's own parser and checks (no env, no network): a flag the script
+    does not take, or a budget below one of its iterations, stops the study in its first seconds, not in a run's log."""
+    name = args.script[:-3]
+    if name not in sys.modules:  # registered, since tyro reads the Args help from the module's source
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, args.script))
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    script = sys.modules[name]
+    for run in runs:
+        flags = [*args.run_flags, *run.flags, "--seed", str(run.seed)]
+        try:
+            script.finalize_args(tyro.cli(script.Args, args=flags, prog=args.script))
+        except SystemExit:
+            fail(f"{args.script} refuses the study's run {run.name} (above): change the flags after -- or the budgets")
 
 
 def finished(study_dir, name):
@@ -306,8 +328,9 @@ def summary_table(summary):
 
 
 def report(args, study_dir, runs):
-    """evaluations.csv, summary.csv and summary.md (summarize) and the figures curves.png (mean over seeds with a 95 %
-    bootstrap interval per evaluation), final.png (IQM of the final scores) and profile.png (performance profiles)."""
+    """evaluations.csv, summary.csv and summary.md (summarize), command.txt (the study's command) and the figures
+    curves.png (mean over seeds with a 95 % bootstrap interval per evaluation), final.png (IQM of the final scores) and
+    profile.png (performance profiles)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -318,6 +341,11 @@ def report(args, study_dir, runs):
     report_dir = args.report_dir or study_dir
     os.makedirs(report_dir, exist_ok=True)
     rows = read_evaluations(study_dir, runs)
+    saved_csv = os.path.join(report_dir, "evaluations.csv")
+    if not rows and args.report_only and os.path.exists(saved_csv):  # e.g. a fresh clone: the committed CSV alone
+        with open(saved_csv) as f:
+            rows = [row for row in csv.DictReader(f) if row["treatment"] in {run.treatment for run in runs}]
+        print(f"no finished runs in {study_dir}: the report from {saved_csv}")
     if not rows:
         print("no finished runs yet: no report")
         return None
@@ -334,6 +362,8 @@ def report(args, study_dir, runs):
         writer.writerows(summary)
     with open(os.path.join(report_dir, "summary.md"), "w") as f:
         f.write(summary_table(summary))
+    with open(os.path.join(report_dir, "command.txt"), "w") as f:  # add --report-only to rebuild this report alone
+        f.write(args.command + "\n")
 
     label = "evaluation win rate" if score == "eval_win_rate" else "evaluation return"
     title = f"{args.study}: {args.script[:-3]}, {task_label(args.run_flags)}, {len(final[next(iter(final))])} seeds"
@@ -346,9 +376,12 @@ def report(args, study_dir, runs):
             means.append(point["x"][0])
             intervals.append(interval["x"][:, 0])
         intervals = np.array(intervals)
-        axis.plot(steps, means, label=name)
+        (line,) = axis.plot(steps, means, label=name)
         axis.fill_between(steps, intervals[:, 0], intervals[:, 1], alpha=0.2)
-    if args.study != "timing":
+        if name.startswith("switch@"):  # timing: each run's own switch point, in its colour
+            switch = float(name.removeprefix("switch@")) * (args.pretrain_steps + args.finetune_steps)
+            axis.axvline(switch, color=line.get_color(), linestyle=":", linewidth=1)
+    if args.study != "timing":  # the end of the pretraining, where every phase-2 treatment starts
         axis.axvline(args.pretrain_steps, color="grey", linestyle=":", linewidth=1)
     axis.set(xlabel="env steps", ylabel=f"{label} (mean, 95 % CI)", title=title)
     axis.legend()
@@ -393,6 +426,8 @@ def main(argv):
     own, run_flags = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     args = tyro.cli(Args, args=own)
     args.run_flags = run_flags
+    study_flags = [flag for flag in own if flag != "--report-only"]
+    args.command = shlex.join(["python", "benchmarks/study.py", *study_flags, "--", *run_flags])
     if not os.path.exists(os.path.join(ROOT, args.script)):
         scripts = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "*_lorasa_*.py")))
         fail(f"--script {args.script!r} is not at the repository root; accepted: {' '.join(scripts)}")
@@ -407,6 +442,8 @@ def main(argv):
         fail(f"--fractions {' '.join(map(str, args.fractions))} is invalid; accepted: 0 < fraction < 1")
     if min(args.pretrain_steps, args.finetune_steps, args.threads, args.final_evals) < 1 or not args.seeds:
         fail("--pretrain-steps, --finetune-steps, --threads, --final-evals must be >= 1 and --seeds non-empty")
+    runs = study_runs(args)
+    check_run_flags(args, runs)
     folder_name = f"{args.study}__{args.script[:-3]}__{re.sub(r'[^A-Za-z0-9_.-]', '_', task_label(run_flags))}"
     study_dir = os.path.join(args.out, folder_name)
     design = dict(script=args.script, run_flags=run_flags, pretrain_steps=args.pretrain_steps,
@@ -422,7 +459,6 @@ def main(argv):
         os.makedirs(study_dir, exist_ok=True)
         with open(design_file, "w") as f:
             json.dump(design, f, indent=1)
-    runs = study_runs(args)
     failed = set() if args.report_only else launch(args, study_dir, runs)
     report(args, study_dir, runs)
     if failed:

@@ -6,6 +6,8 @@ import glob
 import importlib.util
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 
@@ -62,6 +64,7 @@ def test_tiny_study_end_to_end_then_skipped_then_resumed(tmp_path):
     assert "0 of 6 runs already finished" in res.stdout and "lorasa-r4: IQM" in res.stdout
     for name in ("evaluations.csv", "summary.csv", "curves.png", "final.png", "profile.png", "study.json"):
         assert (folder / name).stat().st_size > 0, name
+    assert (folder / "command.txt").read_text().split() == ["python", "benchmarks/study.py", *options, *TINY]
     with open(folder / "evaluations.csv") as f:
         rows = list(csv.DictReader(f))
     assert {(row["treatment"], row["seed"]) for row in rows} == {(t, s) for t in ("pretrain", "ps", "lorasa-r4") for s in "12"}
@@ -107,25 +110,38 @@ def test_bad_input_is_refused_in_one_line(tmp_path):
                             (["timing", "--fractions", "1.5"], "0 < fraction < 1")):  # fmt: skip
         res = study_command(tmp_path, *options, check=False)
         assert res.returncode == 2 and res.stderr.count("\n") == 1 and needle in res.stderr, res.stderr
+    for options, needle in ((["baselines", "--", "--map", "3m"], "Unrecognized options: --map"),  # a StarCraft flag
+                            (["rank", "--pretrain-steps", "80", "--", *TINY[:4]], "--total-timesteps 80 is below one"),
+                            (["timing", "--script", "mappo_lorasa_smac.py", "--", "--map", "3m", "--num-envs", "0"],
+                             "--num-envs 0 is invalid")):  # fmt: skip
+        res = study_command(tmp_path, *options, check=False)  # the script's own message, then the run it refuses
+        assert res.returncode == 2 and needle in res.stderr and "refuses the study's run" in res.stderr, res.stderr
     assert os.listdir(tmp_path) == []
 
 
-def test_docs_results_come_from_the_committed_csvs():
-    """docs/results.md shows the tables that the committed CSVs give: each study's summary recomputed from its
-    evaluations.csv equals its summary.csv, and both that table and the cost-scaling table appear in docs/results.md."""
+def test_docs_results_come_from_the_committed_csvs(tmp_path, monkeypatch, capsys):
+    """docs/results.md shows the tables that the committed CSVs give: each study's command.txt, with --report-only on a
+    copy of its evaluations.csv alone (as in a fresh clone), rebuilds its summary.csv and summary.md exactly, that table
+    appears in docs/results.md, and so does the cost-scaling table of scaling.csv."""
     folders = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(ROOT, "docs", "results", "*", "evaluations.csv")))
     if not folders:
         pytest.skip("no committed study results")
     with open(os.path.join(ROOT, "docs", "results.md")) as f:
         text = f.read()
+    monkeypatch.chdir(tmp_path)  # no study folder here: the report must come from the CSV
     for folder in folders:
-        with open(os.path.join(folder, "evaluations.csv")) as f:
-            rows = list(csv.DictReader(f))
-        with open(os.path.join(folder, "summary.csv")) as f:
-            committed = [{key: value for key, value in row.items() if value != ""} for row in csv.DictReader(f)]
-        summary = study.summarize(rows, 1)[-1]
-        assert [{key: str(value) for key, value in row.items()} for row in summary] == committed, folder
-        assert study.summary_table(summary) in text, folder
+        copy = tmp_path / os.path.basename(folder)
+        copy.mkdir()
+        shutil.copy(os.path.join(folder, "evaluations.csv"), copy)
+        with open(os.path.join(folder, "command.txt")) as f:
+            argv = shlex.split(f.read())[2:]
+        split = argv.index("--")
+        study.main([*argv[:split], "--report-only", "--report-dir", str(copy), *argv[split:]])
+        assert "the report from" in capsys.readouterr().out
+        for name in ("summary.csv", "summary.md", "command.txt"):
+            assert (copy / name).read_text() == open(os.path.join(folder, name)).read(), (folder, name)
+        assert (copy / "summary.md").read_text() in text, folder
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(folder) for folder in folders)
     spec = importlib.util.spec_from_file_location("bench_scaling", os.path.join(ROOT, "benchmarks", "bench_scaling.py"))
     scaling = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(scaling)
