@@ -339,7 +339,6 @@ def report(args, study_dir, runs):
     from rliable import plot_utils
 
     report_dir = args.report_dir or study_dir
-    os.makedirs(report_dir, exist_ok=True)
     rows = read_evaluations(study_dir, runs)
     saved_csv = os.path.join(report_dir, "evaluations.csv")
     if not rows and args.report_only and os.path.exists(saved_csv):  # e.g. a fresh clone: the committed CSV alone
@@ -349,6 +348,7 @@ def report(args, study_dir, runs):
     if not rows:
         print("no finished runs yet: no report")
         return None
+    os.makedirs(report_dir, exist_ok=True)
     with open(os.path.join(report_dir, "evaluations.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["study", "script", "task", "treatment", "seed", "step", "eval_return",
                                                "eval_win_rate"])  # fmt: skip

@@ -116,7 +116,8 @@ def test_bad_input_is_refused_in_one_line(tmp_path):
                              "--num-envs 0 is invalid")):  # fmt: skip
         res = study_command(tmp_path, *options, check=False)  # the script's own message, then the run it refuses
         assert res.returncode == 2 and needle in res.stderr and "refuses the study's run" in res.stderr, res.stderr
-    assert os.listdir(tmp_path) == []
+    assert "no finished runs yet" in study_command(tmp_path, "--report-only", "baselines", "--", *TINY).stdout
+    assert os.listdir(tmp_path) == []  # nothing written by any of these
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning:arch")  # rliable passes arch a RandomState (study.py filters it too)
