@@ -103,7 +103,7 @@ def test_tiny_study_end_to_end_then_skipped_then_resumed(tmp_path):
     )
 
 
-def test_bad_input_is_refused_in_one_line(tmp_path):
+def test_bad_input_is_refused_before_anything_runs(tmp_path):
     for options, needle in ((["placement", "--placements", "foo", "--"], "accepted: all mlp gru head no_head"),
                             (["baselines", "--", "--seed", "3"], "may not set --seed"),
                             (["baselines", "--script", "x.py"], "accepted: a2po_lorasa_mamujoco.py"),
