@@ -1,43 +1,27 @@
 # ==== 1. DOCSTRING ====
-"""A2PO + LoRASA on Multi-Agent MuJoCo (gymnasium-robotics `mamujoco_v1`), in one self-contained file.
+"""A2PO + LoRASA on Multi-Agent MuJoCo (gymnasium-robotics `mamujoco_v1`), in one file.
 
-LoRASA (Zhang, Kapoor & Sun, "Low-Rank Agent-Specific Adaptation (LoRASA) for Multi-Agent Policy Learning", ICML 2025,
-arXiv 2502.05573) trains one recurrent policy shared by all agents (phase ps), then freezes it and trains per-agent
-low-rank adapters on every layer (phase lora): agent i acts with W_i = W0 + (alpha / r) B_i A_i. Reference code:
-github.com/ZBN111/ICML2025_LoRASA (a fork of github.com/xihuai18/A2PO-ICLR2023). docs/method.md: the method as
-implemented, each equation with its place in this file; docs/decisions.md: the deviations from the reference below.
-A2PO (Wang et al., "Order Matters: Agent-by-agent Policy Optimization", ICLR 2023, arXiv 2302.06205) updates the agents
-one at a time in a semi-greedy order, multiplies each agent's ratio by the clipped product of the ratios of the agents
-updated before it, widens the clip with the position and re-estimates the advantages with truncated importance traces
-(docs/method.md §11). Everything but the update rule, its arguments and its trace functions is mappo_lorasa_mamujoco.py.
+LoRASA (Zhang, Kapoor & Sun, ICML 2025, arXiv 2502.05573) trains one recurrent policy shared by all
+agents (phase ps), then freezes it and trains low-rank adapters per agent on every layer (phase
+lora): agent i acts with W_i = W0 + (alpha / r) B_i A_i. One run does both phases. A2PO (Wang et
+al., ICLR 2023, arXiv 2302.06205) updates the agents one at a time (docs/method.md §11).
 
-Usage (one run does both phases; the switch is at --lora-start env steps, by default a quarter of the run):
-    python a2po_lorasa_mamujoco.py --scenario HalfCheetah --agent-conf 2x3        # ps pretraining, then lora
-    python a2po_lorasa_mamujoco.py --checkpoint runs/<run>/ps_checkpoint.pt       # lora fine-tuning of a ps policy
-    python a2po_lorasa_mamujoco.py --share-mode ps    # baselines: ps (one shared policy), nps (one per agent)
-Tested with torch 2.13.0, gymnasium 1.3.0, gymnasium-robotics 1.4.2, mujoco 4.0.0, tyro 1.0.17, Python 3.11.
+    python a2po_lorasa_mamujoco.py --scenario HalfCheetah --agent-conf 2x3  # ps, then lora
+    python a2po_lorasa_mamujoco.py --checkpoint runs/<run>/ps_checkpoint.pt  # lora from ps
+    python a2po_lorasa_mamujoco.py --share-mode nps  # the baselines: ps, nps
 
-Deviations from the reference (docs/decisions.md), each commented where it happens:
-  FIX 1 no policy-side action scaling; 2 symmetric Huber loss; 3 self-contained checkpoints, both phases in one run;
-  4 value normalisers checkpointed; 5 per-agent parameter groups by construction; 6 the critic's own learning rate;
-  7 the command line wins; 8 phase lora freezes every shared actor parameter; 9 one GRU cell, explicit merge(); 11
-  per-agent logged losses; 12 padded action dims masked; 21 time-limit truncations bootstrapped from the true final
-  observation; 26 the critic optimiser and value normalisers continue across the switch; 29 paired seeds.
-  SIMPLIFY 17 A, B adapters everywhere; 22 no per-vector z-scoring. KEEP 16 adapter init A = 0, B random; 18 agent
-  biases untrained; 19 Gaussian ratio and clip per action dim; 20 squashed Gaussian; 25 one value normaliser per agent;
-  27 no root features. A2PO: FIX 10 the other agents' ratios under no_grad; KEEP 13 the ppo loop gives every agent the
-  first position's clip; 14 the ppo loop multiplies over every other agent; 15 the retrace trace applies lambda twice;
-  23 trace ratios one step at a time from the stored hidden states; 24 order score |A / V| with normalised V; 30 the
-  critic fits the traced returns, loss / n.
-  Also: gymnasium v5 tasks (the reference: gym v2), so returns are not comparable with the paper's.
+docs/method.md maps each equation to its function here; docs/decisions.md explains each deviation
+from the reference code (github.com/ZBN111/ICML2025_LoRASA), cited in comments as FIX/KEEP n.
+Jump to: LoRALinear (the LoRA layer), start_phase (the switch), update (A2PO's order loop).
 """
 
 # ==== 2. IMPORTS ====
+import argparse
 import contextlib
 import dataclasses
-import functools
 import importlib.metadata
 import math
+import multiprocessing
 import os
 import random
 import signal
@@ -56,93 +40,102 @@ import torch.nn.functional as F
 import tyro
 
 # ==== 3. ARGS ====
-LayerName = Literal["fc1", "fc2a", "fc2b", "gru_x", "gru_h", "fc_post", "head"]  # the 7 adaptable layers, method §2
-LAYER_NAMES = get_args(LayerName)
-BUILTIN_CONFS = {  # the MuJoCo tasks and their built-in agent partitions (gymnasium-robotics 1.4.2)
-    "HalfCheetah": ("2x3", "6x1"), "Ant": ("2x4", "2x4d", "4x2"), "Walker2d": ("2x3",), "Hopper": ("3x1",),
-    "Humanoid": ("9|8",), "HumanoidStandup": ("9|8",), "Reacher": ("2x1",), "Swimmer": ("2x1",), "Pusher": ("3p",),
+LayerName = Literal["fc1", "fc2a", "fc2b", "gru_x", "gru_h", "fc_post", "head"]  # method §2
+BUILTIN_CONFS = {  # MuJoCo tasks and their built-in agent partitions (gymnasium-robotics 1.4.2)
+    "HalfCheetah": ("2x3", "6x1"),
+    "Ant": ("2x4", "2x4d", "4x2"),
+    "Walker2d": ("2x3",),
+    "Hopper": ("3x1",),
+    "Humanoid": ("9|8",),
+    "HumanoidStandup": ("9|8",),
+    "Reacher": ("2x1",),
+    "Swimmer": ("2x1",),
+    "Pusher": ("3p",),
     "CoupledHalfCheetah": ("1p1",),
-}  # fmt: skip
+}
 
 
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # name of this experiment (part of the run name)
-    seed: int = 1  # seed of random, numpy, torch, the adapters and the envs (docs/method.md §8)
-    cuda: bool = False  # run the networks on CUDA (64-unit networks are latency-bound: the CPU is usually faster)
-    threads: int = 1  # torch threads in the update (rollouts use 1); 1 lets several runs share a machine
-    run_dir: str = "runs"  # parent of the run folders (TensorBoard events and checkpoints)
-    save_model: bool = True  # checkpoints at every evaluation, at the end, on Ctrl-C and at the switch
-    checkpoint: Optional[str] = None  # start from this checkpoint.pt (a PS checkpoint: LoRA fine-tuning at once)
-    resume: bool = False  # with --checkpoint: continue that run (its folder, arguments, step count, optimisers, RNG)
-    eval_only: bool = False  # with --checkpoint: evaluate its policy on its task, print the result, write nothing
+    exp_name: str = os.path.basename(__file__)[:-3]  # the experiment's name (in run names)
+    seed: int = 1  # seed of random, numpy, torch, the adapters and the envs
+    cuda: bool = False  # run the networks on CUDA (small networks: the CPU is usually faster)
+    threads: int = 1  # torch threads in the update (rollouts use 1); 1 lets runs share a machine
+    run_dir: str = "runs"  # parent of the run folders (TensorBoard events, checkpoints)
+    save_model: bool = True  # checkpoints at every evaluation, the switch, the end and Ctrl-C
+    checkpoint: Optional[str] = None  # start from this checkpoint.pt (ps checkpoint: lora at once)
+    resume: bool = False  # with --checkpoint: continue that run (folder, steps, optimisers, RNG)
+    eval_only: bool = False  # with --checkpoint: evaluate its policy, print, write nothing
 
-    total_timesteps: Optional[int] = None  # env step at which training ends (default 12M; --resume: the checkpoint's)
-    num_envs: Optional[int] = None  # parallel training envs (default per task, TASK_DEFAULTS)
-    num_steps: Optional[int] = None  # rollout length per env and iteration (default per task)
-    learning_rate: Optional[float] = None  # actor Adam learning rate (default per task; the adapters in phase lora)
-    critic_learning_rate: Optional[float] = None  # critic Adam learning rate (default per task)
-    update_epochs: Optional[int] = None  # PPO epochs per iteration (default per task)
-    num_minibatches: int = 1  # minibatches per epoch (reference: 1, one step per epoch on the whole batch)
+    total_timesteps: int = 12_000_000  # env steps of the whole run (--resume: may extend it)
+    num_envs: int = 16  # parallel training envs
+    num_steps: int = 250  # rollout steps per env and iteration
+    learning_rate: float = 3e-4  # actor Adam learning rate (the adapters' in phase lora)
+    critic_learning_rate: float = 3e-4  # critic Adam learning rate
+    update_epochs: int = 3  # PPO epochs per iteration
+    num_minibatches: int = 1  # minibatches per epoch (reference: 1)
     data_chunk_length: int = 10  # length of the recurrent training chunks
     gamma: float = 0.99  # discount factor
-    gae_lambda: Optional[float] = None  # GAE lambda (default per task)
+    gae_lambda: float = 0.93  # GAE lambda
     clip_coef: float = 0.2  # PPO ratio clip
     value_clip_coef: float = 0.2  # value clip around the rollout's value
-    ent_coef: Optional[float] = None  # entropy coefficient (default per task)
+    ent_coef: float = 0.0  # entropy coefficient
     vf_coef: float = 1.0  # value loss coefficient
-    max_grad_norm: float = 10.0  # gradient-norm clip (per agent group in phase lora and in nps mode)
+    max_grad_norm: float = 10.0  # gradient-norm clip (per agent in phase lora and nps)
     huber_delta: float = 10.0  # delta of the Huber value loss
     adam_eps: float = 1e-5  # Adam epsilon
     hidden_size: int = 64  # width of every hidden layer
-    eval_interval: int = 50  # evaluate and save every this many iterations, before the first and after the last
-    eval_episodes: Optional[int] = None  # greedy evaluation episodes (default per task)
-    truncation_bootstrap: bool = True  # bootstrap time-limit truncations (FIX 21; off: the reference)
+    eval_interval: int = 50  # evaluate and save every this many iterations (and first and last)
+    eval_episodes: int = 10  # greedy evaluation episodes
+    truncation_bootstrap: bool = True  # bootstrap time-limit truncations (FIX 21; off: reference)
 
-    share_mode: Literal["ps", "lorasa", "nps"] = "lorasa"  # lorasa: ps until --lora-start, then per-agent adapters
+    share_mode: Literal["ps", "lorasa", "nps"] = "lorasa"  # lorasa: ps, then adapters per agent
     rank: int = 8  # adapter rank r
-    lora_alpha: Optional[float] = None  # adapters are scaled by alpha / r (default alpha = rank)
-    lora_layers: Tuple[LayerName, ...] = LAYER_NAMES  # adapted layers (placement ablation)
-    lora_start: Optional[int] = None  # env step of the phase switch (default total_timesteps // 4)
-    lora_init: Literal["reference", "standard"] = "reference"  # A = 0, B random (KEEP 16) | A random, B = 0
-    train_agent_bias: bool = False  # also train the per-agent adapter biases (KEEP 18)
+    lora_alpha: Optional[float] = None  # adapters are scaled by alpha / r (default: alpha = rank)
+    lora_layers: Tuple[LayerName, ...] = get_args(LayerName)  # adapted layers (placement ablation)
+    lora_start: Optional[int] = None  # env step of the switch (default: total_timesteps // 4)
+    lora_init: Literal["reference", "standard"] = "reference"  # A = 0 (KEEP 16) or B = 0
+    train_agent_bias: bool = False  # also train the adapters' per-agent biases (KEEP 18)
 
     scenario: Literal[tuple(BUILTIN_CONFS)] = "HalfCheetah"  # MuJoCo task
-    agent_conf: str = "2x3"  # agent partition: built-in, Walker2d 3x2 (the reference's) or one joint per agent (6x1)
+    agent_conf: str = "2x3"  # agent partition: built-in, Walker2d 3x2 or one joint each (6x1)
     agent_obsk: int = 1  # observation depth k of the agents' local views
-    obs_mode: Optional[Literal["local_k", "global"]] = None  # global: every agent sees state() (default: Humanoid*)
-    max_episode_steps: int = 1000  # time limit of an episode (episodes are truncated there)
-    mask_padded_actions: bool = True  # mask padded action dims (Humanoid 9|8) out of the policy loss (FIX 12)
-    per_dim_ratio: bool = True  # ratio and clip per action dim, summed (KEEP 19); off: one joint ratio
-    async_envs: bool = False  # step the envs in subprocesses (AsyncVectorEnv); pays off only with many cores
+    obs_mode: Literal["local_k", "global"] = "local_k"  # global: every agent sees state()
+    max_episode_steps: int = 1000  # episodes are truncated at this time limit
+    mask_padded_actions: bool = True  # mask padded action dims (Humanoid 9|8) in the loss (FIX 12)
+    per_dim_ratio: bool = True  # ratio and clip per action dim, summed (KEEP 19); off: joint
+    async_envs: bool = False  # step the envs in subprocesses; pays off only with many cores
 
-    a2po_loop: Literal["agent", "ppo"] = "agent"  # agent: each agent runs all its epochs in turn; ppo: epochs outside
-    a2po_order: Literal["semi_greedy", "random", "cyclic", "greedy"] = "semi_greedy"  # agent order (cyclic: 0 ... n-1)
-    a2po_clip_schedule: Literal["reference", "position"] = "reference"  # reference: KEEP 13 in the ppo loop
-    a2po_others: Literal["reference", "preceding"] = "reference"  # reference: KEEP 14 in the ppo loop
-    others_clip_coef: float = 0.1  # clip eps_o of the other agents' ratio product (clipped as a whole)
+    a2po_loop: Literal["agent", "ppo"] = "agent"  # agent: turns run all epochs; ppo: epochs outside
+    a2po_order: Literal["semi_greedy", "random", "cyclic", "greedy"] = "semi_greedy"  # agent order
+    a2po_clip_schedule: Literal["reference", "position"] = "reference"  # KEEP 13 in the ppo loop
+    a2po_others: Literal["reference", "preceding"] = "reference"  # KEEP 14 in the ppo loop
+    others_clip_coef: float = 0.1  # clip eps_o of the other agents' ratio product (as a whole)
     clip_tuner_weight: float = 0.5  # w of the clip schedule eps_k = eps (w k / n + 1 - w)
-    trace_variant: Optional[Literal["retrace", "speedup"]] = None  # default: retrace on HalfCheetah, else speedup
+    trace_variant: Literal["retrace", "speedup"] = "speedup"  # advantage trace (docs/method.md §11)
     trace_clip: float = 1.0  # truncation c of the ratios in the retrace trace
-    trace_lambda_squared: bool = True  # KEEP 15: the retrace trace decays with gamma lambda^2 (off: Retrace-GAE)
+    trace_lambda_squared: bool = True  # KEEP 15: retrace decays by gamma lam^2 (off: gamma lam)
     two_stage: bool = True  # per agent and epoch, a critic-only pass over its minibatches first
-    approx_trace: bool = True  # the critic regresses onto the traced returns (KEEP 30; off: the GAE returns)
+    approx_trace: bool = True  # the critic fits the traced returns (KEEP 30; off: the GAE returns)
 
 
-# The reference's settings (docs/method.md §10) for every task and where a task differs; the command line wins.
-SUITE_DEFAULTS = dict(num_envs=16, num_steps=250, update_epochs=3, gae_lambda=0.93, learning_rate=3e-4, ent_coef=0.0,
-                      critic_learning_rate=3e-4, eval_episodes=10, total_timesteps=12_000_000)  # fmt: skip
+# Where the reference's settings for a task differ from the defaults above (docs/method.md §10).
+# They apply when the task is on the command line; flags given there still win.
 TASK_DEFAULTS = {
-    ("HalfCheetah", "2x3"): dict(update_epochs=5),
-    ("Ant", "4x2"): dict(num_envs=25, num_steps=160),
-    ("Humanoid", "9|8"): dict(num_envs=25, num_steps=160, gae_lambda=0.90),
+    "HalfCheetah": dict(trace_variant="retrace"),
+    "HalfCheetah 2x3": dict(update_epochs=5),
+    "Ant 4x2": dict(num_envs=25, num_steps=160),
+    "Humanoid": dict(obs_mode="global"),
+    "Humanoid 9|8": dict(num_envs=25, num_steps=160, gae_lambda=0.90),
+    "HumanoidStandup": dict(obs_mode="global"),
 }
-TASK_KEYS = ("scenario", "agent_conf", "agent_obsk", "obs_mode", "hidden_size")  # a checkpoint fits only its own task
-POSITIVE = (
-    "threads", "total_timesteps", "num_envs", "num_steps", "learning_rate", "critic_learning_rate", "update_epochs",
-    "num_minibatches", "data_chunk_length", "clip_coef", "value_clip_coef", "vf_coef", "max_grad_norm", "huber_delta",
-    "adam_eps", "hidden_size", "eval_interval", "eval_episodes", "rank", "lora_alpha", "max_episode_steps",
-)  # fmt: skip
+TASK_KEYS = (
+    "scenario",
+    "agent_conf",
+    "agent_obsk",
+    "obs_mode",
+    "hidden_size",
+)  # must match to load
 
 
 def fail(message):
@@ -151,53 +144,69 @@ def fail(message):
     sys.exit(2)
 
 
+def task_defaults(argv):
+    """The TASK_DEFAULTS of the task named in argv (read before tyro, so --help shows them)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--scenario", default=Args.scenario)
+    parser.add_argument("--agent-conf", default=Args.agent_conf)
+    task, _ = parser.parse_known_args(argv)
+    scenario = TASK_DEFAULTS.get(task.scenario, {})
+    return {**scenario, **TASK_DEFAULTS.get(f"{task.scenario} {task.agent_conf}", {})}
+
+
+def check(valid, key, args, accepted, problem="is invalid"):
+    """One line naming the flag, its value and the accepted ones, unless `valid`."""
+    if not valid:
+        flag = "--" + key.replace("_", "-")
+        fail(f"{flag} {getattr(args, key)} {problem}; accepted: {accepted}")
+
+
+POSITIVE = """threads total_timesteps num_envs num_steps learning_rate critic_learning_rate
+update_epochs num_minibatches data_chunk_length clip_coef value_clip_coef vf_coef max_grad_norm
+huber_delta adam_eps hidden_size eval_interval eval_episodes rank lora_alpha max_episode_steps"""
+
+
 def finalize_args(args):
-    """Fill the per-task defaults the command line left unset, derive the sizes and check every value: one line naming
-    the value and the accepted ones for each problem, before any env or network is built."""
-    for key, value in {**SUITE_DEFAULTS, **TASK_DEFAULTS.get((args.scenario, args.agent_conf), {})}.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.obs_mode = args.obs_mode or ("global" if args.scenario.startswith("Humanoid") else "local_k")
-    args.lora_alpha = float(args.rank) if args.lora_alpha is None else args.lora_alpha
-    args.lora_start = args.total_timesteps // 4 if args.lora_start is None else args.lora_start
-    for key in POSITIVE:
-        if not getattr(args, key) > 0:
-            fail(f"--{key.replace('_', '-')} {getattr(args, key)} is invalid; accepted: > 0")
-    for key in ("gamma", "gae_lambda"):
-        if not 0 < getattr(args, key) <= 1:
-            fail(f"--{key.replace('_', '-')} {getattr(args, key)} is invalid; accepted: 0 < value <= 1")
+    """Derive the sizes and check every value, one line for a bad one, before anything is built."""
+    if args.lora_alpha is None:
+        args.lora_alpha = float(args.rank)
+    if args.lora_start is None:
+        args.lora_start = args.total_timesteps // 4
+    for key in POSITIVE.split():
+        check(getattr(args, key) > 0, key, args, "> 0")
     for key in ("ent_coef", "agent_obsk"):
-        if not getattr(args, key) >= 0:
-            fail(f"--{key.replace('_', '-')} {getattr(args, key)} is invalid; accepted: >= 0")
-    if args.num_steps % args.data_chunk_length:
-        fail(f"--num-steps {args.num_steps} is invalid; accepted: multiples of --data-chunk-length {args.data_chunk_length}")
+        check(getattr(args, key) >= 0, key, args, ">= 0")
+    for key in ("gamma", "gae_lambda"):
+        check(0 < getattr(args, key) <= 1, key, args, "0 < value <= 1")
+    for key in ("others_clip_coef", "trace_clip"):
+        check(getattr(args, key) > 0, key, args, "> 0")
+    check(0 <= args.clip_tuner_weight <= 1, "clip_tuner_weight", args, "0 <= value <= 1")
+    chunk = f"multiples of --data-chunk-length {args.data_chunk_length}"
+    check(args.num_steps % args.data_chunk_length == 0, "num_steps", args, chunk)
     view = f"local{args.agent_obsk}" if args.obs_mode == "local_k" else "global"
-    args.task = f"{args.scenario}-{args.agent_conf.replace('|', '_')}-{view}"  # in the run name and the logs
+    args.task = f"{args.scenario}-{args.agent_conf.replace('|', '_')}-{view}"  # in the run name
     args.batch_size = args.num_envs * args.num_steps
     args.num_iterations = args.total_timesteps // args.batch_size
-    if args.num_iterations < 1:
-        fail(f"--total-timesteps {args.total_timesteps} is below one iteration; accepted: >= {args.batch_size}")
-    if args.num_minibatches > args.batch_size // args.data_chunk_length:
-        fail(f"--num-minibatches {args.num_minibatches} is invalid; accepted: <= {args.batch_size // args.data_chunk_length}")
-    if not 0 <= args.lora_start <= args.total_timesteps:
-        fail(f"--lora-start {args.lora_start} is invalid; accepted: 0 ... --total-timesteps ({args.total_timesteps})")
-    if args.trace_variant is None:  # the reference's: speedup trace everywhere but on HalfCheetah
-        args.trace_variant = "retrace" if args.scenario == "HalfCheetah" else "speedup"
-    for key in ("others_clip_coef", "trace_clip"):
-        if not getattr(args, key) > 0:
-            fail(f"--{key.replace('_', '-')} {getattr(args, key)} is invalid; accepted: > 0")
-    if not 0 <= args.clip_tuner_weight <= 1:
-        fail(f"--clip-tuner-weight {args.clip_tuner_weight} is invalid; accepted: 0 ... 1")
+    below = "is below one iteration"
+    check(args.num_iterations >= 1, "total_timesteps", args, f">= {args.batch_size}", below)
+    chunks = args.batch_size // args.data_chunk_length
+    check(args.num_minibatches <= chunks, "num_minibatches", args, f"<= {chunks}")
+    span = f"0 ... --total-timesteps ({args.total_timesteps})"
+    check(0 <= args.lora_start <= args.total_timesteps, "lora_start", args, span)
     return args
 
 
 # ==== 4. ENVIRONMENT ====
-WALKER2D_3X2 = (("foot_joint", "leg_joint"), ("thigh_joint", "foot_left_joint"), ("leg_left_joint", "thigh_left_joint"))
+WALKER2D_3X2 = (
+    ("foot_joint", "leg_joint"),
+    ("thigh_joint", "foot_left_joint"),
+    ("leg_left_joint", "thigh_left_joint"),
+)
 
 
 def import_mamujoco():
-    """Import MaMuJoCo without stray output (docs/method.md §9): its import prints a banner to stderr, and MuJoCo appends
-    its `settotalmass` warning to MUJOCO_LOG.TXT in the working directory unless a warning handler is installed."""
+    """Import MaMuJoCo quietly: its import prints a banner to stderr, and MuJoCo writes its
+    `settotalmass` warning to MUJOCO_LOG.TXT in the working directory unless a handler is set."""
     import mujoco
 
     def on_mujoco_warning(message):
@@ -211,54 +220,69 @@ def import_mamujoco():
     return mamujoco_v1, get_parts_and_edges
 
 
-class MaMuJoCoEnv(gym.Env):
-    """One `mamujoco_v1.parallel_env` as a gymnasium.Env: observation {"obs": (N, obs_dim) [obs_i zero-padded, one-hot(i)],
-    "state": (N, state_dim) [state(), one-hot(i)]} float32, action (N, act_dim) in [-1, 1], the shared team reward."""
+def custom_partition(scenario, agent_conf, get_parts_and_edges):
+    """Walker2d 3x2 (the reference's) or one actuated joint per agent, e.g. HalfCheetah 6x1."""
+    parts, edges, global_nodes = get_parts_and_edges(scenario, None)
+    nodes = {node.label: node for node in parts[0]}
+    groups = {f"{len(nodes)}x1": [(label,) for label in nodes]}
+    if scenario == "Walker2d":
+        groups["3x2"] = WALKER2D_3X2
+    if agent_conf not in groups:
+        accepted = " ".join([*BUILTIN_CONFS[scenario], *groups])
+        fail(f"--agent-conf {agent_conf!r} is not available for {scenario}; accepted: {accepted}")
+    partition = [tuple(nodes[label] for label in group) for group in groups[agent_conf]]
+    return dict(partition=partition, edges=edges, globals=global_nodes)
 
-    def __init__(self, scenario, agent_conf, agent_obsk=1, obs_mode="local_k", max_episode_steps=1000):
+
+class MaMuJoCoEnv(gym.Env):
+    """One `mamujoco_v1.parallel_env` as a gymnasium.Env. Observation: "obs" (N, obs_dim) =
+    [obs_i zero-padded, one-hot(i)], "state" (N, state_dim) = [state(), one-hot(i)], float32.
+    Action (N, act_dim) in [-1, 1], padded to the largest agent. Reward: the shared team reward."""
+
+    def __init__(
+        self, scenario, agent_conf, agent_obsk=1, obs_mode="local_k", max_episode_steps=1000
+    ):
         mamujoco_v1, get_parts_and_edges = import_mamujoco()
         factorization = None
-        if agent_conf not in BUILTIN_CONFS[scenario]:  # Walker2d 3x2 or one actuated joint per agent (docs/method.md §9)
-            parts, edges, global_nodes = get_parts_and_edges(scenario, None) if scenario != "Pusher" else ([()], None, None)
-            nodes = {node.label: node for node in parts[0]}
-            custom = {
-                f"{len(nodes)}x1": [(label,) for label in nodes],
-                "3x2": WALKER2D_3X2 if scenario == "Walker2d" else None,
-            }
-            if custom.get(agent_conf) is None:
-                accepted = " ".join([*BUILTIN_CONFS[scenario], *(conf for conf, groups in custom.items() if groups)])
-                fail(f"--agent-conf {agent_conf!r} is not available for {scenario}; accepted: {accepted}")
-            partition = [tuple(nodes[label] for label in group) for group in custom[agent_conf]]
-            factorization = dict(partition=partition, edges=edges, globals=global_nodes)
-        options = dict(agent_obsk=agent_obsk, agent_factorization=factorization, max_episode_steps=max_episode_steps)
-        # KEEP 27: global_categories=(), the reference's local observations carry no root features
-        self.env = mamujoco_v1.parallel_env(scenario, agent_conf, global_categories=(), **options)
+        if agent_conf not in BUILTIN_CONFS[scenario]:
+            factorization = custom_partition(scenario, agent_conf, get_parts_and_edges)
+        # KEEP 27: global_categories=(): the reference's local views carry no root features
+        self.env = mamujoco_v1.parallel_env(
+            scenario,
+            agent_conf,
+            agent_obsk=agent_obsk,
+            agent_factorization=factorization,
+            global_categories=(),
+            max_episode_steps=max_episode_steps,
+        )
         self.agents = self.env.possible_agents
-        self.n_agents = len(self.agents)
+        n = len(self.agents)
         self.global_obs = obs_mode == "global"
         state_size = self.env.state().shape[0]
-        self.obs_sizes = [state_size if self.global_obs else self.env.observation_space(a).shape[0] for a in self.agents]
-        self.act_sizes = [self.env.action_space(a).shape[0] for a in self.agents]
-        self.obs = np.zeros((self.n_agents, max(self.obs_sizes) + self.n_agents), np.float32)
-        self.state = np.zeros((self.n_agents, state_size + self.n_agents), np.float32)
-        self.obs[:, -self.n_agents :] = np.eye(self.n_agents)  # one-hot agent ids
-        self.state[:, -self.n_agents :] = np.eye(self.n_agents)
-        self.action_dims = np.array([[1.0] * k + [0.0] * (max(self.act_sizes) - k) for k in self.act_sizes], np.float32)
-        spaces = [self.env.action_space(a) for a in self.agents]  # FIX 1: a in [-1, 1] -> low + (a + 1) (high - low) / 2
-        self.action_scale = [(space.high - space.low) / 2 for space in spaces]
-        self.action_offset = [(space.high + space.low) / 2 for space in spaces]
+        obs_size = max(self.env.observation_space(a).shape[0] for a in self.agents)
+        self.obs = np.zeros((n, (state_size if self.global_obs else obs_size) + n), np.float32)
+        self.state = np.zeros((n, state_size + n), np.float32)
+        self.obs[:, -n:] = np.eye(n)  # one-hot agent ids
+        self.state[:, -n:] = np.eye(n)
+        # FIX 1: the env, not the policy, maps a in [-1, 1] onto each joint's bounds
+        spaces = [self.env.action_space(a) for a in self.agents]
+        self.act_sizes = [space.shape[0] for space in spaces]
+        self.action_dims = np.zeros((n, max(self.act_sizes)), np.float32)
+        for i, size in enumerate(self.act_sizes):
+            self.action_dims[i, :size] = 1  # 1 on the agent's real dims, 0 on padding (FIX 12)
         self.observation_space = gym.spaces.Dict(
             obs=gym.spaces.Box(-np.inf, np.inf, self.obs.shape, np.float32),
             state=gym.spaces.Box(-np.inf, np.inf, self.state.shape, np.float32),
         )
         self.action_space = gym.spaces.Box(-1.0, 1.0, self.action_dims.shape, np.float32)
 
-    def observe(self, obs):  # MaMuJoCo's float64 observations into the float32 arrays (the vector env copies them)
+    def observe(self, obs):
         state = self.env.state()
-        self.state[:, : -self.n_agents] = state
+        self.state[:, : len(state)] = state
         for i, agent in enumerate(self.agents):
-            self.obs[i, : self.obs_sizes[i]] = state if self.global_obs else obs[agent]
-        return dict(obs=self.obs, state=self.state)
+            agent_obs = state if self.global_obs else obs[agent]
+            self.obs[i, : len(agent_obs)] = agent_obs
+        return dict(obs=self.obs, state=self.state)  # the vector env copies them
 
     def reset(self, seed=None, options=None):
         obs, _ = self.env.reset(seed=seed)
@@ -266,153 +290,223 @@ class MaMuJoCoEnv(gym.Env):
 
     def step(self, action):
         actions = {}
-        for i, agent in enumerate(self.agents):  # FIX 1: [-1, 1] onto the joint bounds (Humanoid +-0.4); drop padding
-            actions[agent] = self.action_offset[i] + self.action_scale[i] * action[i, : self.act_sizes[i]]
+        for i, agent in enumerate(self.agents):  # drop the padding, map onto the bounds
+            space = self.env.action_space(agent)
+            a = action[i, : self.act_sizes[i]]
+            actions[agent] = space.low + (a + 1) * (space.high - space.low) / 2
         obs, rewards, terminations, truncations, _ = self.env.step(actions)
-        first = self.agents[0]  # the reward and the flags are the same for every agent
-        return self.observe(obs), float(rewards[first]), bool(terminations[first]), bool(truncations[first]), {}
+        first = self.agents[0]  # reward and flags are the same for every agent
+        reward = float(rewards[first])
+        return self.observe(obs), reward, terminations[first], truncations[first], {}
+
+
+def make_env(args):
+    return MaMuJoCoEnv(
+        args.scenario, args.agent_conf, args.agent_obsk, args.obs_mode, args.max_episode_steps
+    )
+
+
+def make_worker_env(args):
+    """An env in an AsyncVectorEnv worker process, which leaves Ctrl-C to the main process: a
+    terminal sends SIGINT to every process of the group, and the main one saves before it exits."""
+    if multiprocessing.parent_process() is not None:  # not the vector env's probe in this process
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return make_env(args)
 
 
 def make_envs(args, seeds):
-    """One env per seed in gymnasium's SyncVectorEnv (AsyncVectorEnv) with autoreset off, and the first observation."""
-    make_env = functools.partial(
-        MaMuJoCoEnv, args.scenario, args.agent_conf, args.agent_obsk, args.obs_mode, args.max_episode_steps
-    )
-    vector_env = gym.vector.AsyncVectorEnv if args.async_envs else gym.vector.SyncVectorEnv
-    envs = vector_env([make_env] * len(seeds), autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+    """Gymnasium's vector env without autoreset (the rollout resets finished envs itself, after
+    keeping their final state), and its first observation."""
+    no_autoreset = gym.vector.AutoresetMode.DISABLED
+    if args.async_envs:
+        env_fns = [lambda: make_worker_env(args)] * len(seeds)
+        envs = gym.vector.AsyncVectorEnv(env_fns, autoreset_mode=no_autoreset)
+    else:
+        envs = gym.vector.SyncVectorEnv(
+            [lambda: make_env(args)] * len(seeds), autoreset_mode=no_autoreset
+        )
     return envs, envs.reset(seed=seeds)[0]
 
 
 # ==== 5. LAYERS ====
 def stack(params, agents=None):
-    """Per-agent leaf tensors stacked along a leading agent axis (all agents, or the listed ones)."""
-    return torch.stack(list(params) if agents is None else [params[i] for i in agents])
+    """Per-agent tensors of a ParameterList stacked on a leading agent axis (all, or `agents`)."""
+    return torch.stack([params[i] for i in (range(len(params)) if agents is None else agents)])
+
+
+def agent_linear(x, weight, bias):
+    """x (n, ..., in) times one shared weight (out, in), bias (out,), or times each agent's own
+    weight (n, out, in), bias (n, 1, out): all agents in one batched matmul."""
+    if weight.dim() == 2:
+        return F.linear(x, weight, bias)
+    y = torch.baddbmm(bias, x.flatten(1, -2), weight.mT)
+    return y.view(*x.shape[:-1], weight.shape[1])
 
 
 class LoRALinear(nn.Module):
-    """Multi-agent linear layer (docs/method.md §3): y_i = x (W0 + s B_i A_i)^T + b0 + beta_i, A_i (r x in), B_i (out x r),
-    s = alpha / r. Modes: ps (W0, b0), lorasa (+ adapters if rank > 0, counted once `lora_on`), nps (W_i, b_i per agent).
-    Per-agent tensors are separate leaves, each agent's optimiser and gradient clip see only its own (FIX 5)."""
+    """A linear layer shared by all agents plus one low-rank adapter per agent (docs/method.md §3):
+    y_i = x (W0 + s B_i A_i)^T + b0 + beta_i, A_i (r, in), B_i (out, r), s = alpha / r.
+    Before the switch (`lora_on` False) it is the shared layer alone; rank 0: never adapted.
+    Each agent's A_i, B_i, beta_i are tensors of their own, so that each agent's optimiser and
+    gradient clip see only its own (FIX 5)."""
 
-    def __init__(self, n_in, n_out, n_agents, mode, gain, rank=0, alpha=1.0, init="reference", generator=None):
+    def __init__(self, n_in, n_out, n_agents, gain, rank, alpha, init, generator):
         super().__init__()
-        self.mode = mode
-        self.adapted = mode == "lorasa" and rank > 0
-        self.lora_on = False
-        self.merged = None
-        if mode == "nps":  # orthogonal init: gain sqrt 2 for ReLU blocks, 0.01 for the action head, 1 otherwise
-            self.weight_i = nn.ParameterList([nn.init.orthogonal_(torch.empty(n_out, n_in), gain) for _ in range(n_agents)])
-            self.bias_i = nn.ParameterList([torch.zeros(n_out) for _ in range(n_agents)])
-            return
         self.weight = nn.Parameter(nn.init.orthogonal_(torch.empty(n_out, n_in), gain))
         self.bias = nn.Parameter(torch.zeros(n_out))
-        if self.adapted:
-            self.scaling = alpha / rank
-            self.lora_A = nn.ParameterList([torch.zeros(rank, n_in) for _ in range(n_agents)])
-            self.lora_B = nn.ParameterList([torch.zeros(n_out, rank) for _ in range(n_agents)])
-            # KEEP 16: the reference draws B (A = 0), the LoRA paper A (B = 0); from the adapters' own generator (FIX 29)
-            for tensor in self.lora_B if init == "reference" else self.lora_A:
-                nn.init.kaiming_uniform_(tensor, a=math.sqrt(5), generator=generator)
-            self.lora_bias = nn.ParameterList([torch.zeros(n_out) for _ in range(n_agents)])  # KEEP 18: untrained
+        self.rank = rank
+        self.scaling = alpha / max(rank, 1)
+        self.lora_on = False  # set by start_phase
+        self.merged = None  # set inside merged_weights()
+        agents = range(n_agents if rank else 0)
+        self.lora_A = nn.ParameterList([torch.zeros(rank, n_in) for _ in agents])
+        self.lora_B = nn.ParameterList([torch.zeros(n_out, rank) for _ in agents])
+        self.lora_bias = nn.ParameterList([torch.zeros(n_out) for _ in agents])  # KEEP 18
+        # KEEP 16: the reference draws B (A = 0), the LoRA paper A (B = 0): both start at dW = 0.
+        # Drawn from the adapters' own generator, so that a lorasa run equals the ps run of its
+        # seed until the switch (FIX 29).
+        for tensor in self.lora_B if init == "reference" else self.lora_A:
+            nn.init.kaiming_uniform_(tensor, a=math.sqrt(5), generator=generator)
 
     def weights(self, agents=None):
-        """(W, b): shared (out, in), (out,) or per agent (n, out, in), (n, 1, out); under torch.inference_mode (rollouts,
-        evaluation: all agents) the merged ones, computed once per update by merge_weights()."""
-        if self.merged is not None and torch.is_inference_mode_enabled():
-            return self.merged
-        if self.mode == "nps":
-            return stack(self.weight_i, agents), stack(self.bias_i, agents)[:, None]
-        if not (self.adapted and self.lora_on):
+        """The (W, b) the agents act with: the shared (out, in), (out,) before the switch; after it
+        W_i = W0 + s B_i A_i (n, out, in) and b_i = b0 + beta_i (n, 1, out), computed per call."""
+        if self.merged is not None:
+            return self.merged if agents is None else [w[agents] for w in self.merged]
+        if not self.lora_on:
             return self.weight, self.bias
-        delta = torch.bmm(stack(self.lora_B, agents), stack(self.lora_A, agents))  # B_i A_i, (n, out, in)
-        return self.weight + self.scaling * delta, (self.bias + stack(self.lora_bias, agents))[:, None]
+        delta = torch.bmm(stack(self.lora_B, agents), stack(self.lora_A, agents))
+        bias = self.bias + stack(self.lora_bias, agents)
+        return self.weight + self.scaling * delta, bias[:, None]
 
-    def merge_weights(self):
-        with torch.no_grad():  # W_i = W0 + s B_i A_i, b_i = b0 + beta_i
-            self.merged = tuple(tensor.detach() for tensor in self.weights())
+    def forward(self, x, agents=None):
+        return agent_linear(x, *self.weights(agents))
 
-    def forward(self, x, agents=None, weights=None):
-        weight, bias = self.weights(agents) if weights is None else weights
-        if weight.dim() == 2:  # one matrix shared by all agents
-            return F.linear(x, weight, bias)
-        return torch.baddbmm(bias, x.flatten(1, -2), weight.mT).view(*x.shape[:-1], weight.shape[1])  # one batched matmul
+
+class AgentLinear(nn.Module):
+    """One independent linear layer per agent, for the nps baseline: y_i = x W_i^T + b_i."""
+
+    def __init__(self, n_in, n_out, n_agents, gain):
+        super().__init__()
+        weights = [nn.init.orthogonal_(torch.empty(n_out, n_in), gain) for _ in range(n_agents)]
+        self.weight = nn.ParameterList(weights)
+        self.bias = nn.ParameterList([torch.zeros(n_out) for _ in range(n_agents)])
+        self.merged = None  # set inside merged_weights()
+
+    def weights(self, agents=None):
+        if self.merged is not None:
+            return self.merged if agents is None else [w[agents] for w in self.merged]
+        return stack(self.weight, agents), stack(self.bias, agents)[:, None]
+
+    def forward(self, x, agents=None):
+        return agent_linear(x, *self.weights(agents))
+
+
+class SharedLayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (never adapted, frozen in phase lora), called like the per-agent layers."""
+
+    def forward(self, x, agents=None):
+        return super().forward(x)
 
 
 class AgentLayerNorm(nn.Module):
-    """LayerNorm over the last dim, shared (ps, lorasa: never adapted, frozen in phase lora) or one per agent (nps)."""
+    """One LayerNorm per agent over the last dim, for the nps baseline."""
 
-    def __init__(self, dim, n_agents, per_agent):
+    def __init__(self, dim, n_agents):
         super().__init__()
-        self.per_agent = per_agent
-        self.merged = None
-        if per_agent:
-            self.weight_i = nn.ParameterList([torch.ones(dim) for _ in range(n_agents)])
-            self.bias_i = nn.ParameterList([torch.zeros(dim) for _ in range(n_agents)])
-        else:
-            self.weight = nn.Parameter(torch.ones(dim))
-            self.bias = nn.Parameter(torch.zeros(dim))
+        self.weight = nn.ParameterList([torch.ones(dim) for _ in range(n_agents)])
+        self.bias = nn.ParameterList([torch.zeros(dim) for _ in range(n_agents)])
+        self.merged = None  # set inside merged_weights()
 
-    def merge_weights(self):
-        with torch.no_grad():
-            self.merged = (stack(self.weight_i), stack(self.bias_i)) if self.per_agent else None
+    def weights(self, agents=None):
+        if self.merged is not None:
+            return self.merged if agents is None else [w[agents] for w in self.merged]
+        return stack(self.weight, agents), stack(self.bias, agents)
 
     def forward(self, x, agents=None):
-        if not self.per_agent:
-            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias)  # eps 1e-5, as nn.LayerNorm
-        if self.merged is not None and torch.is_inference_mode_enabled():  # all agents
-            weight, bias = self.merged
-        else:
-            weight, bias = stack(self.weight_i, agents), stack(self.bias_i, agents)
+        weight, bias = self.weights(agents)
         shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
         return F.layer_norm(x, x.shape[-1:]) * weight.view(shape) + bias.view(shape)
 
 
+@contextlib.contextmanager
+def merged_weights(*models):
+    """Inside the block every layer uses each agent's weights computed once on entry, not per
+    call: rollouts and evaluations call the policy once per env step with unchanged weights.
+    A parameter changed inside the block (its weights would be stale) raises on exit."""
+    kinds = (LoRALinear, AgentLinear, AgentLayerNorm)
+    layers = [m for model in models for m in model.modules() if isinstance(m, kinds)]
+    params = [p for model in models for p in model.parameters()]
+    versions = [p._version for p in params]  # PyTorch counts every in-place change of a tensor
+    with torch.no_grad():
+        for layer in layers:
+            layer.merged = [w.detach() for w in layer.weights()]
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.merged = None
+    if versions != [p._version for p in params]:
+        raise RuntimeError("parameters changed inside merged_weights(): stale weights were used")
+
+
 # ==== 6. ACTOR, CRITIC, VALUENORM ====
 class RecurrentNetwork(nn.Module):
-    """Feature LayerNorm -> fc1, fc2a, fc2b blocks (Linear-ReLU-LayerNorm) -> GRU -> LayerNorm -> fc_post block -> head
-    (docs/method.md §2), all agents at once; in lorasa mode the layers in --lora-layers get adapters from `generator`."""
+    """All agents at once (docs/method.md §2): feature LayerNorm -> fc1, fc2a, fc2b blocks
+    (Linear-ReLU-LayerNorm) -> GRU -> LayerNorm -> fc_post block -> head. nps: every layer per
+    agent; otherwise shared, with adapters from `generator` on the layers named in `adapted`."""
 
-    def __init__(self, n_in, n_out, n_agents, mode, args, head_gain, generator=None):
+    def __init__(self, n_in, n_out, n_agents, args, head_gain, nps, adapted, generator=None):
         super().__init__()
         hidden = args.hidden_size
-        per_agent = mode == "nps"
 
         def linear(name, n_in, n_out, gain):
-            rank = args.rank if mode == "lorasa" and name in args.lora_layers else 0
-            return LoRALinear(n_in, n_out, n_agents, mode, gain, rank, args.lora_alpha, args.lora_init, generator)
+            if nps:
+                return AgentLinear(n_in, n_out, n_agents, gain)
+            rank = args.rank if name in adapted else 0
+            init = args.lora_init
+            return LoRALinear(n_in, n_out, n_agents, gain, rank, args.lora_alpha, init, generator)
+
+        def norm(dim):
+            return AgentLayerNorm(dim, n_agents) if nps else SharedLayerNorm(dim)
 
         self.n_agents = n_agents
-        self.lora_on = False
-        self.feature_norm = AgentLayerNorm(n_in, n_agents, per_agent)
-        sizes = {"fc1": (n_in, hidden), "fc2a": (hidden, hidden), "fc2b": (hidden, hidden), "fc_post": (hidden, hidden)}
-        self.fcs = nn.ModuleDict({name: linear(name, *size, math.sqrt(2)) for name, size in sizes.items()})
-        self.norms = nn.ModuleDict({name: AgentLayerNorm(hidden, n_agents, per_agent) for name in sizes})
+        self.feature_norm = norm(n_in)
+        sizes = dict(fc1=(n_in, hidden), fc2a=(hidden, hidden), fc2b=(hidden, hidden))
+        sizes["fc_post"] = (hidden, hidden)
+        # gain sqrt 2 before a ReLU, 1 for the GRU, head_gain for the head (orthogonal init)
+        fcs = {name: linear(name, *size, math.sqrt(2)) for name, size in sizes.items()}
+        self.fcs = nn.ModuleDict(fcs)
+        self.norms = nn.ModuleDict({name: norm(hidden) for name in sizes})
         self.gru_x = linear("gru_x", hidden, 3 * hidden, 1.0)
         self.gru_h = linear("gru_h", hidden, 3 * hidden, 1.0)
-        self.gru_norm = AgentLayerNorm(hidden, n_agents, per_agent)
+        self.gru_norm = norm(hidden)
         self.head = linear("head", hidden, n_out, head_gain)
 
     def forward(self, x, h, masks, agents=None):
-        """x (n, T, B, in), h (n, B, H), masks (T, B) -> outputs (n, T, B, out), hidden after every step (n, T, B, H)."""
+        """x (n, T, B, in), h (n, B, H), masks (T, B) -> outputs (n, T, B, out), the hidden state
+        after every step (n, T, B, H); n = all agents or len(agents)."""
         x = self.feature_norm(x, agents)
         for name in ("fc1", "fc2a", "fc2b"):
             x = self.norms[name](F.relu(self.fcs[name](x, agents)), agents)
         hs = self.gru(x, h, masks, agents)
-        x = self.norms["fc_post"](F.relu(self.fcs["fc_post"](self.gru_norm(hs, agents), agents)), agents)
+        x = self.fcs["fc_post"](self.gru_norm(hs, agents), agents)
+        x = self.norms["fc_post"](F.relu(x), agents)
         return self.head(x, agents), hs
 
     def gru(self, x, h, masks, agents=None):
-        """`torch.nn.GRU`'s maths and gates [r, z, n] in both phases (FIX 9, docs/method.md §2): h <- h * mask, then
-        r, z = sig(gx_rz + gh_rz), n = tanh(gx_n + r gh_n), h' = (1 - z) n + z h with gx = Wx x + bx, gh = Wh h + bh.
-        x (n, T, B, H), h (n, B, H), masks (T, B) -> the hidden state after every step (n, T, B, H)."""
+        """torch.nn.GRU's equations, gates [r, z, n] (FIX 9): h <- h * mask_t, then
+        r, z = sig(gx_rz + gh_rz), n = tanh(gx_n + r gh_n), h' = (1 - z) n + z h,
+        gx = W_x x + b_x (all steps at once), gh = W_h h + b_h (one step at a time)."""
         hidden = h.shape[-1]
-        gx_rz, gx_n = self.gru_x(x, agents).split([2 * hidden, hidden], dim=-1)  # the input projection of all steps
-        weights = self.gru_h.weights(agents)  # built once per call, not per step
+        gx_rz, gx_n = self.gru_x(x, agents).split([2 * hidden, hidden], dim=-1)
+        weight, bias = self.gru_h.weights(agents)  # once per call, not once per step
         outputs = []
-        # unbind, not gx[:, t]: the backward of indexing fills a zero tensor the size of gx for every step
-        for gx_rz_t, gx_n_t, mask_t in zip(gx_rz.unbind(1), gx_n.unbind(1), masks[..., None]):
+        # unbind, not gx[:, t]: the backward of indexing allocates a gx-sized zero tensor per step
+        steps = zip(gx_rz.unbind(1), gx_n.unbind(1), masks[..., None])
+        for gx_rz_t, gx_n_t, mask_t in steps:
             h = h * mask_t
-            gh_rz, gh_n = self.gru_h(h, agents, weights).split([2 * hidden, hidden], dim=-1)
+            gh_rz, gh_n = agent_linear(h, weight, bias).split([2 * hidden, hidden], dim=-1)
             r, z = torch.sigmoid(gx_rz_t + gh_rz).chunk(2, dim=-1)
             n = torch.tanh(gx_n_t + r * gh_n)
             h = n + z * (h - n)  # = (1 - z) n + z h
@@ -421,40 +515,38 @@ class RecurrentNetwork(nn.Module):
 
 
 class GaussianActor(RecurrentNetwork):
-    """Squashed Gaussian (KEEP 20, docs/method.md §4): a = tanh(u), u ~ N(mean, 0.5 sigmoid(log_std + d_i)), d_i agent i's
-    offset in phase lora. `action_dims` (N, act_dim): 1 on the agents' real action dims, 0 on padding (FIX 12)."""
+    """Squashed Gaussian policy (KEEP 20, docs/method.md §4): a = tanh(u), u ~ N(mean, std),
+    std = 0.5 sigmoid(log_std + d_i), d_i agent i's log-std adapter (phase lora).
+    `action_dims` (N, act_dim): 1 on each agent's real action dims, 0 on padding (FIX 12)."""
 
     def __init__(self, obs_dim, act_dim, n_agents, args, action_dims=None):
-        generator = torch.Generator().manual_seed(args.seed)  # the adapters' own generator (FIX 29)
-        super().__init__(obs_dim, act_dim, n_agents, args.share_mode, args, 0.01, generator)
-        if args.share_mode == "nps":
-            self.log_std_i = nn.ParameterList([torch.ones(act_dim) for _ in range(n_agents)])
+        nps = args.share_mode == "nps"
+        adapted = args.lora_layers if args.share_mode == "lorasa" else ()
+        generator = torch.Generator().manual_seed(args.seed)  # the adapters' own (FIX 29)
+        super().__init__(obs_dim, act_dim, n_agents, args, 0.01, nps, adapted, generator)
+        self.nps = nps
+        if nps:
+            self.nps_log_std = nn.ParameterList([torch.ones(act_dim) for _ in range(n_agents)])
         else:
-            self.log_std = nn.Parameter(torch.ones(act_dim))  # the reference's init 1.0 (sigma ~ 0.366)
-        if args.share_mode == "lorasa":  # the per-agent offsets d_i train whenever the adapters do
+            self.log_std = nn.Parameter(torch.ones(act_dim))  # the reference's init (sigma 0.366)
+            # agent i's log-std adapter d_i: 0 until it trains in phase lora
             self.lora_std = nn.ParameterList([torch.zeros(act_dim) for _ in range(n_agents)])
-        self.merged = None
         if action_dims is None or not args.mask_padded_actions:
             action_dims = torch.ones(n_agents, act_dim)
-        self.register_buffer("action_dims", action_dims, persistent=False)
+        self.register_buffer("action_dims", action_dims.float(), persistent=False)
 
     def log_std_of(self, agents=None):
-        if hasattr(self, "log_std_i"):
-            return stack(self.log_std_i, agents)
-        if self.lora_on:
-            return self.log_std + stack(self.lora_std, agents)
-        return self.log_std.expand(self.n_agents if agents is None else len(agents), -1)
-
-    def merge_weights(self):
-        with torch.no_grad():  # sigma does not depend on the state: once per update
-            self.merged = 0.5 * torch.sigmoid(self.log_std_of())[:, None, None]
+        """(n, act_dim): log_std + d_i, or agent i's own log-std (nps)."""
+        if self.nps:
+            return stack(self.nps_log_std, agents)
+        return self.log_std + stack(self.lora_std, agents)
 
     def forward(self, obs, h, masks, agents=None):
-        """obs (n, T, B, obs_dim) -> mean (n, T, B, act_dim), std (n, 1, 1, act_dim), hidden after the last step (n, B, H)."""
+        """obs (n, T, B, obs_dim) -> mean (n, T, B, act_dim), std (n, 1, 1, act_dim), the hidden
+        state after the last step (n, B, H)."""
         mean, hs = super().forward(obs, h, masks, agents)
-        merged = self.merged is not None and torch.is_inference_mode_enabled()  # all agents
-        std = self.merged if merged else 0.5 * torch.sigmoid(self.log_std_of(agents))[:, None, None]
-        return mean, std, hs[:, -1]
+        std = 0.5 * torch.sigmoid(self.log_std_of(agents))
+        return mean, std[:, None, None], hs[:, -1]
 
 
 EPS = float(np.finfo(np.float32).eps)
@@ -462,22 +554,26 @@ LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def squashed_log_prob(mean, std, action):
-    """Per-dim log-prob of a = tanh(u), u ~ N(mean, std) (§4): log N(atanh(clamp(a, +-(1-eps))); mean, std) - log(1-a^2+eps)"""
+    """Per-dim log-prob of a = tanh(u), u ~ N(mean, std) (method §4):
+    log N(atanh(clamp(a, +-(1 - eps))); mean, std) - log(1 - a^2 + eps)."""
     u = torch.atanh(action.clamp(-1 + EPS, 1 - EPS))
-    return -0.5 * ((u - mean) / std).pow(2) - std.log() - LOG_SQRT_2PI - torch.log(1 - action.pow(2) + EPS)
+    log_normal = -0.5 * ((u - mean) / std).pow(2) - std.log() - LOG_SQRT_2PI
+    return log_normal - torch.log(1 - action.pow(2) + EPS)
 
 
 def squashed_entropy(mean, std):
-    """KEEP 20: a one-sample estimate per dim, H(N(mean, std)) + log(1 - tanh(u)^2 + eps), u ~ N(mean, std)."""
+    """KEEP 20: a one-sample estimate per dim, H(N(mean, std)) + log(1 - tanh(u)^2 + eps)."""
     u = mean + std * torch.randn_like(mean)
     return 0.5 + LOG_SQRT_2PI + std.log() + torch.log(1 - torch.tanh(u).pow(2) + EPS)
 
 
 class Critic(RecurrentNetwork):
-    """Centralised critic (§5), one for all agents (nps: one each), never adapted; it outputs normalised values (n, T, B)."""
+    """Centralised critic (docs/method.md §5): one for all agents (nps: one each), never
+    adapted. Outputs normalised values (n, T, B) and the hidden states."""
 
     def __init__(self, state_dim, n_agents, args):
-        super().__init__(state_dim, 1, n_agents, "nps" if args.share_mode == "nps" else "ps", args, 1.0)
+        nps = args.share_mode == "nps"
+        super().__init__(state_dim, 1, n_agents, args, 1.0, nps, adapted=())
 
     def forward(self, state, h, masks, agents=None):
         values, hs = super().forward(state, h, masks, agents)
@@ -485,29 +581,26 @@ class Critic(RecurrentNetwork):
 
 
 class ValueNorm(nn.Module):
-    """One running return normaliser per agent, agent axis first (docs/method.md §5, KEEP 25): running_mean <- beta
-    running_mean + (1 - beta) mean(R), running_mean_sq likewise with R^2, debiasing_term <- beta debiasing_term + 1 - beta;
-    mean = running_mean / d, var = max(running_mean_sq / d - mean^2, 1e-2), d = max(debiasing_term, 1e-5)."""
+    """One running normaliser of the returns per agent (docs/method.md §5, KEEP 25): exponential
+    averages (beta) of R, of R^2 and of 1 (the debiasing term d >= 1e-5) per agent;
+    mean = avg(R) / d, var = max(avg(R^2) / d - mean^2, 1e-2)."""
 
     def __init__(self, n_agents, beta=0.99999):
         super().__init__()
         self.beta = beta
-        self.register_buffer("running_mean", torch.zeros(n_agents, dtype=torch.float64))
-        self.register_buffer("running_mean_sq", torch.zeros(n_agents, dtype=torch.float64))
-        self.register_buffer("debiasing_term", torch.zeros(n_agents, dtype=torch.float64))
+        self.register_buffer("stats", torch.zeros(3, n_agents, dtype=torch.float64))
 
     def update(self, returns, agents=None):
-        index = slice(None) if agents is None else agents
-        returns = returns.detach().flatten(1).double()
-        self.running_mean[index] = self.beta * self.running_mean[index] + (1 - self.beta) * returns.mean(1)
-        self.running_mean_sq[index] = self.beta * self.running_mean_sq[index] + (1 - self.beta) * returns.pow(2).mean(1)
-        self.debiasing_term[index] = self.beta * self.debiasing_term[index] + (1 - self.beta)
+        """returns (n, ...) of all agents, or of `agents`."""
+        i = slice(None) if agents is None else agents
+        x = returns.detach().flatten(1).double()
+        batch = torch.stack([x.mean(1), x.pow(2).mean(1), torch.ones_like(x[:, 0])])
+        self.stats[:, i] = self.beta * self.stats[:, i] + (1 - self.beta) * batch
 
     def mean_std(self, x, agents):
-        index = slice(None) if agents is None else agents
-        debiasing_term = self.debiasing_term[index].clamp(min=1e-5)
-        mean = self.running_mean[index] / debiasing_term
-        var = (self.running_mean_sq[index] / debiasing_term - mean.pow(2)).clamp(min=1e-2)
+        mean, mean_sq, debias = self.stats[:, slice(None) if agents is None else agents]
+        mean = mean / debias.clamp(min=1e-5)
+        var = (mean_sq / debias.clamp(min=1e-5) - mean.pow(2)).clamp(min=1e-2)
         shape = (-1,) + (1,) * (x.dim() - 1)
         return mean.float().view(shape), var.sqrt().float().view(shape)
 
@@ -520,39 +613,44 @@ class ValueNorm(nn.Module):
         return x * std + mean
 
 
-def merge(*models):
-    """Precompute the per-agent weights that rollouts and evaluation use (under torch.inference_mode); after every update."""
-    for model in models:
-        for module in model.modules():
-            if hasattr(module, "merge_weights"):
-                module.merge_weights()
+def agent_parameters(actor, i, args):
+    """Agent i's own actor parameters: its adapters (lorasa) or its whole network (nps)."""
+    params = []
+    for module in actor.modules():
+        if isinstance(module, LoRALinear) and module.rank:
+            params += [module.lora_A[i], module.lora_B[i]]
+            params += [module.lora_bias[i]] if args.train_agent_bias else []  # KEEP 18
+        elif isinstance(module, (AgentLinear, AgentLayerNorm)):
+            params += [module.weight[i], module.bias[i]]
+    log_std = actor.nps_log_std if actor.nps else actor.lora_std
+    return params + [log_std[i]]
 
 
 def start_phase(actor, phase, args):
-    """The actor parameters that train and their optimisers, fresh (docs/method.md §1). ps: the shared actor, one Adam;
-    lora: every shared actor parameter frozen (FIX 8), adapters on at dW = 0, one Adam per agent over its own group
-    (FIX 5); nps: one Adam per agent over its network. The critic side is not touched (FIX 26)."""
+    """The actor parameters that train and their optimisers, fresh (docs/method.md §1).
+    ps: the shared actor, one Adam. lora: the adapters on (the policy is unchanged: dW = 0),
+    every shared parameter frozen (FIX 8), one Adam per agent over its adapters (FIX 5).
+    nps: one Adam per agent over its network. The critic is not touched (FIX 26)."""
     for module in actor.modules():
-        if hasattr(module, "lora_on"):
-            module.lora_on = phase == "lora"
-    for name, param in actor.named_parameters():
-        trains = phase == "nps" or ("lora_" in name) == (phase == "lora")
-        param.requires_grad_(trains and ("lora_bias" not in name or args.train_agent_bias))  # KEEP 18
-    if phase == "ps":
-        groups = [[param for name, param in actor.named_parameters() if "lora_" not in name]]
-    else:  # agent i's group: entry i of every per-agent ParameterList that trains
-        lists = [module for module in actor.modules() if isinstance(module, nn.ParameterList)]
-        groups = [[plist[i] for plist in lists if plist[i].requires_grad] for i in range(actor.n_agents)]
-    optimizers = [torch.optim.Adam(group, lr=args.learning_rate, eps=args.adam_eps) for group in groups]
-    merge(actor)
+        if isinstance(module, LoRALinear):
+            module.lora_on = phase == "lora" and module.rank > 0
+    if phase == "ps":  # every adapter parameter's name starts with lora_
+        groups = [[p for name, p in actor.named_parameters() if "lora_" not in name]]
+    else:
+        groups = [agent_parameters(actor, i, args) for i in range(actor.n_agents)]
+    trains = {id(p) for group in groups for p in group}
+    for param in actor.parameters():
+        param.requires_grad_(id(param) in trains)
+    optimizers = [torch.optim.Adam(g, lr=args.learning_rate, eps=args.adam_eps) for g in groups]
     return groups, optimizers
 
 
 # ==== 7. ROLLOUT BUFFER, CHUNKS, GAE ====
 class RolloutBuffer:
-    """One iteration (docs/method.md §7), (N, T[+1], E, ...) or (T[+1], E); row T becomes the next row 0. masks[t] = 0:
-    an episode ended at step t - 1; bad_masks[t] = 0: a truncation whose advantage is zeroed (--no-truncation-bootstrap);
-    boot[t] = 1: step t was a truncation bootstrapped from the true final state (FIX 21), valued final_values[:, t]."""
+    """One iteration's data (docs/method.md §7), agent-major: (N, T[+1], E, ...) or (T[+1], E).
+    Row T becomes the next iteration's row 0. masks[t] = 0: an episode ended at step t - 1.
+    bad_masks[t] = 0: step t - 1 was a truncation whose advantage is zeroed (reference).
+    boot[t] = 1: step t was a truncation bootstrapped from its final state (FIX 21)."""
 
     def __init__(self, args, n_agents, obs_dim, state_dim, act_dim, device):
         N, T, E, H = n_agents, args.num_steps, args.num_envs, args.hidden_size
@@ -563,9 +661,8 @@ class RolloutBuffer:
         self.masks = torch.ones(T + 1, E, device=device)
         self.bad_masks = torch.ones(T + 1, E, device=device)
         self.actions = torch.zeros(N, T, E, act_dim, device=device)
-        self.means = torch.zeros(N, T, E, act_dim, device=device)
         self.logprobs = torch.zeros(N, T, E, act_dim, device=device)
-        self.values = torch.zeros(N, T + 1, E, device=device)  # normalised; column T: the bootstrap value V_T
+        self.values = torch.zeros(N, T + 1, E, device=device)  # normalised; row T: V_T
         self.rewards = torch.zeros(T, E, device=device)
         self.boot = torch.zeros(T, E, device=device)
         self.final_state = torch.zeros(N, T, E, state_dim, device=device)
@@ -584,8 +681,9 @@ class RolloutBuffer:
 
 
 def collect_rollout(args, envs, actor, buf):
-    """Fill the buffer with one sampled policy call for all envs and agents per step, resetting finished envs after their
-    true final state is kept (FIX 21). Returns the finished episodes' (return, length) and the seconds in the envs."""
+    """One sampled policy call for all envs and agents per step; finished envs are reset after
+    their final state is kept (FIX 21). Returns the finished episodes' (return, length) and the
+    seconds spent in the envs."""
     T, E = args.num_steps, args.num_envs
     rewards = np.zeros((T, E), np.float32)
     terminated = np.zeros((T, E), bool)
@@ -593,75 +691,85 @@ def collect_rollout(args, envs, actor, buf):
     finished = []
     env_seconds = 0.0
     noise = torch.randn(buf.actions.shape, device=buf.actions.device)  # u = mean + std * noise
-    for t in range(T):
-        with torch.inference_mode():
-            mean, std, h = actor(buf.obs[:, t, None], buf.actor_h[:, t], buf.masks[t, None])
+    with merged_weights(actor):  # each agent's weights once per rollout, not per step
+        for t in range(T):
+            with torch.inference_mode():
+                mean, std, h = actor(buf.obs[:, t, None], buf.actor_h[:, t], buf.masks[t, None])
+            action = torch.tanh(mean[:, 0] + std[:, 0] * noise[:, t])
             buf.actor_h[:, t + 1] = h
-            buf.actions[:, t] = torch.tanh(mean[:, 0] + std[:, 0] * noise[:, t])
-            buf.means[:, t] = mean[:, 0]
-        actions = buf.actions[:, t].transpose(0, 1).cpu().numpy()
-        if not np.isfinite(actions).all():
-            raise FloatingPointError("non-finite actions")
-        start = time.time()
-        obs, rewards[t], terminated[t], truncated[t], _ = envs.step(actions)
-        done = terminated[t] | truncated[t]
-        if done.any():
-            buf.final_state[:, t] = torch.as_tensor(obs["state"]).transpose(0, 1)  # the true final state, before the reset
-            obs, _ = envs.reset(options={"reset_mask": done})
-        env_seconds += time.time() - start
-        buf.put_obs(t + 1, obs)
-        buf.masks[t + 1] = torch.as_tensor(~done)
-        buf.episode_return += rewards[t]
-        buf.episode_length += 1
-        finished += list(zip(buf.episode_return[done], buf.episode_length[done]))
-        buf.episode_return[done] = 0
-        buf.episode_length[done] = 0
-    time_limit = torch.as_tensor(truncated & ~terminated)  # a termination at the time limit is a termination
+            buf.actions[:, t] = action
+            buf.logprobs[:, t] = squashed_log_prob(mean[:, 0], std[:, 0], action)
+            actions = buf.actions[:, t].transpose(0, 1).cpu().numpy()
+            if not np.isfinite(actions).all():
+                raise FloatingPointError("non-finite actions")
+            start = time.time()
+            obs, rewards[t], terminated[t], truncated[t], _ = envs.step(actions)
+            done = terminated[t] | truncated[t]
+            if done.any():  # keep the true final state, then reset those envs
+                buf.final_state[:, t] = torch.as_tensor(obs["state"]).transpose(0, 1)
+                obs, _ = envs.reset(options={"reset_mask": done})
+            env_seconds += time.time() - start
+            buf.put_obs(t + 1, obs)
+            buf.masks[t + 1] = torch.as_tensor(~done)
+            buf.episode_return += rewards[t]
+            buf.episode_length += 1
+            finished += zip(buf.episode_return[done], buf.episode_length[done])
+            buf.episode_return[done] = 0
+            buf.episode_length[done] = 0
+    # a termination at the time limit is a termination
+    time_limit = torch.as_tensor(truncated & ~terminated)
     buf.rewards.copy_(torch.as_tensor(rewards))
     buf.boot.copy_(time_limit & args.truncation_bootstrap)
-    buf.bad_masks[1:] = 1.0 - (time_limit & (not args.truncation_bootstrap)).float()  # the reference zeroes A_t
-    buf.logprobs.copy_(squashed_log_prob(buf.means, std, buf.actions))  # std does not depend on the state
+    buf.bad_masks[1:] = 1.0 - (time_limit & (not args.truncation_bootstrap)).float()
     return finished, env_seconds
 
 
 @torch.inference_mode()
 def critic_values(critic, buf):
-    """The critic values the rollout afterwards in one pass over its states (column T: V_T; its inputs never depend on its
-    outputs), keeping its hidden states for the chunks, and each bootstrapped step's final state from the step's one."""
+    """The critic's values of the whole rollout in one call over its states (row T: V_T), its
+    hidden states for the chunks, and the values of the bootstrapped steps' final states."""
     values, hs = critic(buf.state, buf.critic_h[:, 0], buf.masks)
     buf.values.copy_(values)
     buf.critic_h[:, 1:] = hs[:, :-1]
     steps, env_ids = buf.boot.nonzero(as_tuple=True)
     final_state = buf.final_state[:, steps, env_ids, None].transpose(1, 2)
-    final_values, _ = critic(final_state, hs[:, steps, env_ids], buf.masks.new_ones(1, len(steps)))
+    no_reset = buf.masks.new_ones(1, len(steps))
+    final_values, _ = critic(final_state, hs[:, steps, env_ids], no_reset)
     buf.final_values[:, steps, env_ids] = final_values[:, 0]
 
 
 def gae(rewards, values, masks, bad_masks, gamma, lam):
-    """GAE (docs/method.md §7) along axis -2 of rewards (..., T, E), values, masks, bad_masks (..., T + 1, E); returns
-    A_t + V_t, with delta_t = r_t + gamma V_{t+1} m_{t+1} - V_t and A_t = (delta_t + gamma lam m_{t+1} A_{t+1}) b_{t+1}."""
+    """GAE (docs/method.md §7) along axis -2: rewards (..., T, E); values, masks, bad_masks
+    (..., T + 1, E). delta_t = r_t + gamma V_{t+1} m_{t+1} - V_t,
+    A_t = (delta_t + gamma lam m_{t+1} A_{t+1}) b_{t+1}. Returns A + V (the returns)."""
     advantages = torch.zeros_like(values[..., :-1, :])
     last = torch.zeros_like(values[..., 0, :])
     for t in reversed(range(rewards.shape[-2])):
-        delta = rewards[..., t, :] + gamma * values[..., t + 1, :] * masks[..., t + 1, :] - values[..., t, :]
-        last = (delta + gamma * lam * masks[..., t + 1, :] * last) * bad_masks[..., t + 1, :]
+        next_value = values[..., t + 1, :] * masks[..., t + 1, :]
+        delta = rewards[..., t, :] + gamma * next_value - values[..., t, :]
+        last = delta + gamma * lam * masks[..., t + 1, :] * last
+        last = last * bad_masks[..., t + 1, :]
         advantages[..., t, :] = last
     return advantages + values[..., :-1, :]
 
 
 def compute_returns(args, buf, value_norm):
-    """Returns by GAE on values de-normalised per agent and advantages R - V standardised over all entries (§6); a
-    bootstrapped truncation adds gamma V(s_final) to its reward (FIX 21; the episode still ends: m_{t+1} = 0)."""
+    """Returns by GAE on the values de-normalised per agent; advantages R - V standardised over
+    all entries (method §6). A bootstrapped truncation adds gamma V(s_final) to its reward
+    (FIX 21; the episode still ends there)."""
     values = value_norm.denormalize(buf.values)
-    rewards = buf.rewards + args.gamma * buf.boot * value_norm.denormalize(buf.final_values)
+    final_values = value_norm.denormalize(buf.final_values)
+    rewards = buf.rewards + args.gamma * buf.boot * final_values
     returns = gae(rewards, values, buf.masks, buf.bad_masks, args.gamma, args.gae_lambda)
     advantages = returns - values[:, :-1]
-    return returns, (advantages - advantages.mean()) / (advantages.std(correction=0) + 1e-5)
+    advantages = (advantages - advantages.mean()) / (advantages.std(correction=0) + 1e-5)
+    return returns, advantages
 
 
 def chunk_minibatches(data, T, chunk_length, num_minibatches):
-    """Every env's stream in chunks of `chunk_length` steps, shuffled into minibatches (§6): (N, T[+1], E, ...) becomes
-    (N, L, chunks, ...), (T[+1], E) (L, chunks), and a hidden state (`*_h`) the stored one at each chunk start."""
+    """Every env's stream cut into chunks of `chunk_length` steps, shuffled into minibatches
+    (method §6): (N, T[+1], E, ...) -> (N, L, chunks, ...), (T[+1], E) -> (L, chunks), and a
+    hidden state (key ending in `_h`) -> the stored one at each chunk's start (N, chunks, H)."""
     C = T // chunk_length
     chunked = {}
     for key, x in data.items():
@@ -670,71 +778,14 @@ def chunk_minibatches(data, T, chunk_length, num_minibatches):
         elif x.dim() == 2:
             chunked[key] = x[:T].unflatten(0, (C, chunk_length)).transpose(0, 1).flatten(1, 2)
         else:
-            chunked[key] = x[:, :T].unflatten(1, (C, chunk_length)).transpose(1, 2).flatten(2, 3)
-    for index in torch.randperm(C * data["masks"].shape[-1], device=data["masks"].device).chunk(num_minibatches):
-        yield {key: x[:, index] if key.endswith("_h") or x.dim() == 2 else x[:, :, index] for key, x in chunked.items()}
-
-
-def retrace_trace(deltas, rho, masks, bad_masks, gamma, lam, c_bar=1.0, lambda_squared=True):
-    """Trace (a) of docs/method.md §11, time-major: deltas, rho (T, ...); masks, bad_masks (T + 1, ...).
-    c_t = lam min(rho_t, c_bar) (KEEP 15: lam again on top of gamma lam; --no-trace-lambda-squared: min(rho_t, c_bar)),
-    A_T = 0, A_t = b_{t+1} [delta_t + gamma lam m_{t+1} c_{t+1} A_{t+1}]. rho = 1 gives GAE(lam^2) (GAE(lam))."""
-    c = rho.clamp(max=c_bar) * (lam if lambda_squared else 1.0)
-    advantages = torch.zeros_like(deltas)
-    last = torch.zeros_like(deltas[0])
-    for t in reversed(range(deltas.shape[0])):
-        traced = c[t + 1] * last if t + 1 < deltas.shape[0] else 0.0
-        last = bad_masks[t + 1] * (deltas[t] + gamma * lam * masks[t + 1] * traced)
-        advantages[t] = last
-    return advantages
-
-
-def speedup_trace(deltas, rho, masks, bad_masks, gamma, lam):
-    """Trace (b) of docs/method.md §11: A_t = sum_{k>=t} (gamma lam)^{k-t} C_{t,k} prod_{j=t+1..k} m_j
-    prod_{j=t..k} b_{j+1} delta_k with C_{t,t} = 1, C_{t,k} = min(1, rho_k C_{t,k-1}); rho = 1 gives GAE(lam). O(T^2):
-    vectorised over t, a loop over k."""
-    advantages = torch.zeros_like(deltas)
-    decay = torch.zeros_like(deltas)  # (gamma lam)^{k-t} prod m, per start t
-    trace = torch.zeros_like(deltas)  # C_{t,k}
-    boot = torch.zeros_like(deltas)  # prod b
-    for k in range(deltas.shape[0]):
-        decay[:k] *= gamma * lam * masks[k]
-        trace[:k] = (rho[k] * trace[:k]).clamp(max=1.0)
-        boot[:k] *= bad_masks[k + 1]
-        decay[k] = 1.0
-        trace[k] = 1.0
-        boot[k] = bad_masks[k + 1]
-        advantages[: k + 1] += decay[: k + 1] * trace[: k + 1] * boot[: k + 1] * deltas[k]
-    return advantages
-
-
-def trace_deltas(args, buf, value_norm, i, last_value):
-    """Agent i's TD errors (T, E) for its trace, de-normalised with VN_i's statistics at the time of the trace:
-    delta_t = r_t + gamma b_t V(s_final) + gamma V_{t+1} m_{t+1} - V_t, V_t the rollout's values, V_T = last_value
-    (normalised, from the current critic), b_t = buf.boot[t] = 1 where step t is a bootstrapped truncation."""
-    value = value_norm.denormalize(torch.cat([buf.values[[i], :-1], last_value], dim=1), [i])[0]  # (T + 1, E)
-    rewards = buf.rewards + args.gamma * buf.boot * value_norm.denormalize(buf.final_values[[i]], [i])[0]
-    return rewards + args.gamma * value[1:] * buf.masks[1:] - value[:-1], value
-
-
-def clip_eps(args, position, n_agents):
-    """docs/method.md §11: eps_k = eps (w k / n + 1 - w), k = the 1-based position, w = --clip-tuner-weight."""
-    return args.clip_coef * (args.clip_tuner_weight * position / n_agents + 1 - args.clip_tuner_weight)
-
-
-def agent_order(kind, scores):
-    """docs/method.md §11. semi_greedy: the highest score first, then alternately a uniformly random and the highest of
-    the remaining agents; greedy: by score; random: a uniform permutation (HAPPO-like); cyclic: 0 ... n - 1."""
-    if kind == "random":
-        return torch.randperm(len(scores)).tolist()
-    if kind == "cyclic":
-        return list(range(len(scores)))
-    ranked = torch.argsort(scores, descending=True, stable=True).tolist()
-    order = []
-    while ranked:
-        pick_random = kind == "semi_greedy" and len(order) % 2 == 1
-        order.append(ranked.pop(int(torch.randint(len(ranked), ())) if pick_random else 0))
-    return order
+            x = x[:, :T].unflatten(1, (C, chunk_length))
+            chunked[key] = x.transpose(1, 2).flatten(2, 3)
+    n_chunks = C * data["masks"].shape[-1]
+    for index in torch.randperm(n_chunks).chunk(num_minibatches):
+        yield {
+            key: x[:, index] if key.endswith("_h") or x.dim() == 2 else x[:, :, index]
+            for key, x in chunked.items()
+        }
 
 
 # ==== 8. UPDATE ====
@@ -744,18 +795,20 @@ def huber(x, delta):
 
 
 def value_loss(args, critic, value_norm, mb, agents=None):
-    """Clipped Huber value loss (docs/method.md §5): each agent's normaliser first takes this minibatch's returns, then
-    L = mean max(Huber(norm(R) - V), Huber(norm(R) - V_clip)), V_clip = V_old + clamp(V - V_old, +-0.2); no masks."""
+    """Clipped Huber value loss (docs/method.md §5), in normalised units, over all steps:
+    mean max(Huber(norm(R) - V), Huber(norm(R) - V_clip)), V_clip = V_old + clip(V - V_old)."""
     values, _ = critic(mb["state"], mb["critic_h"], mb["masks"], agents)
-    value_norm.update(mb["returns"], agents)
     target = value_norm.normalize(mb["returns"], agents)
-    clipped = mb["values"] + (values - mb["values"]).clamp(-args.value_clip_coef, args.value_clip_coef)
-    return torch.max(huber(target - values, args.huber_delta), huber(target - clipped, args.huber_delta)).mean()
+    change = (values - mb["values"]).clamp(-args.value_clip_coef, args.value_clip_coef)
+    clipped = mb["values"] + change
+    error = huber(target - values, args.huber_delta)
+    clipped_error = huber(target - clipped, args.huber_delta)
+    return torch.max(error, clipped_error).mean()
 
 
 def clip_and_step(optimizers, groups, max_norm):
-    """Clip each group's gradient norm on its own, then step every optimiser; returns the mean pre-clip norm. A
-    non-finite norm stops training before any step, so that a diverged run never overwrites good weights."""
+    """Clip each group's gradient norm on its own, then step every optimiser; returns the mean
+    pre-clip norm. A non-finite norm stops training before any step (never saves bad weights)."""
     norms = torch.stack([nn.utils.clip_grad_norm_(group, max_norm) for group in groups])
     if not torch.isfinite(norms).all():
         raise FloatingPointError("non-finite gradients")
@@ -764,276 +817,509 @@ def clip_and_step(optimizers, groups, max_norm):
     return norms.mean().item()
 
 
-def update(args, actor, critic, value_norm, actor_optims, actor_groups, critic_optim, buf, returns, advantages, phase):
-    """A2PO (docs/method.md §11): the agents are updated one at a time in a semi-greedy order. Agent i at position k
-    maximises the clipped surrogate of w_i * clip(prod_{j in P} r_j, 1 +- eps_o) with the clip eps_k, on advantages
-    re-estimated with truncated importance traces of the agents updated so far; the shared critic steps on agent i's rows
-    in its turn. Phase ps steps the shared optimiser once per turn (loss / n); phases lora and nps step only agent i's
-    optimiser, so that only agent i's policy changes in its turn."""
-    N, T, E = buf.actions.shape[:3]
-    data = dict(obs=buf.obs, state=buf.state, actor_h=buf.actor_h, critic_h=buf.critic_h, masks=buf.masks)
-    data.update(actions=buf.actions, logprobs=buf.logprobs, values=buf.values)
-    data.update(step=torch.arange(T * E).view(T, E))  # each (t, env)'s flat index: a minibatch's look-up of cached ratios
-    dims = actor.action_dims[:, None, None]  # (N, 1, 1, act_dim): 0 on padded dims (FIX 12)
-    ratio_dims = dims if args.per_dim_ratio else torch.ones_like(dims[..., :1])  # a ratio per dim, or one joint ratio
-    rollout_advantages = advantages  # standardised GAE advantages: the first agent's
-    traced_returns = returns.clone()
-    targets = returns.clone()  # the critic's regression targets
-    values = buf.values[:, :T]  # KEEP 24: the order score |A / V| with the normalised values (only a zero guarded)
-    scores = (advantages / torch.where(values == 0, 1e-8, values)).abs().mean((1, 2))
-    cache = {}  # whole-buffer ratio of each agent for the traces, dropped when its policy changes
-    sequence_cache = {}  # the same on the training chunks, for the others' product
-    stats = defaultdict(list)
+def retrace_trace(deltas, rho, masks, bad_masks, gamma, lam, c_bar=1.0, lambda_squared=True):
+    """Trace (a) of docs/method.md §11, time-major: deltas, rho (T, ...); masks, bad_masks
+    (T + 1, ...). c_t = lam min(rho_t, c_bar) (KEEP 15: lam again on top of gamma lam;
+    --no-trace-lambda-squared: min(rho_t, c_bar)), A_T = 0,
+    A_t = b_{t+1} [delta_t + gamma lam m_{t+1} c_{t+1} A_{t+1}]. rho = 1: GAE(lam^2) (GAE(lam))."""
+    T = deltas.shape[0]
+    c = rho.clamp(max=c_bar) * (lam if lambda_squared else 1.0)
+    advantages = torch.zeros_like(deltas)
+    for t in reversed(range(T)):
+        traced = c[t + 1] * advantages[t + 1] if t + 1 < T else 0.0
+        advantages[t] = bad_masks[t + 1] * (deltas[t] + gamma * lam * masks[t + 1] * traced)
+    return advantages
 
-    def mean_ratio(log_probs, old_log_probs, agents):
-        """KEEP 19: the mean over the real dims of the per-dim ratios; with --no-per-dim-ratio the joint ratio."""
-        log_ratio = (log_probs - old_log_probs) * dims[agents]
-        if args.per_dim_ratio:
-            return (log_ratio.exp() * dims[agents]).sum(-1) / dims[agents].sum(-1)
-        return log_ratio.sum(-1).exp()
 
-    @torch.no_grad()
-    def buffer_ratios(agents):
-        """r_j over the whole buffer, (len(agents), T, E), one step at a time from the stored rollout hidden states
-        (KEEP 23, the reference's trace evaluation), batched over agents and steps."""
-        todo = [j for j in agents if j not in cache]
-        if todo:
-            obs = buf.obs[todo, :T].reshape(len(todo), 1, T * E, -1)
-            mean, std, _ = actor(obs, buf.actor_h[todo, :T].reshape(len(todo), T * E, -1), buf.masks[:T].reshape(1, -1), todo)
-            log_probs = squashed_log_prob(mean, std, buf.actions[todo].reshape(len(todo), 1, T * E, -1))
-            ratios = mean_ratio(log_probs, buf.logprobs[todo].reshape(len(todo), 1, T * E, -1), todo).view(len(todo), T, E)
-            cache.update({j: ratio for j, ratio in zip(todo, ratios)})
-        return torch.stack([cache[j] for j in agents])
+def speedup_trace(deltas, rho, masks, bad_masks, gamma, lam):
+    """Trace (b) of docs/method.md §11: A_t = sum_{k>=t} (gamma lam)^{k-t} C_{t,k}
+    prod_{j=t+1..k} m_j prod_{j=t..k} b_{j+1} delta_k, C_{t,t} = 1, C_{t,k} = min(1, rho_k
+    C_{t,k-1}); rho = 1 gives GAE(lam). O(T^2): vectorised over t, a loop over k."""
+    advantages = torch.zeros_like(deltas)
+    weight = torch.zeros_like(deltas)  # row t: (gamma lam)^{k-t} prod m prod b; 0 until k = t
+    trace = torch.zeros_like(deltas)  # row t: C_{t,k}; 0 until k = t
+    for k in range(deltas.shape[0]):
+        weight *= gamma * lam * masks[k] * bad_masks[k + 1]  # the masks are 0 or 1: exact
+        trace = (rho[k] * trace).clamp(max=1.0)
+        weight[k] = bad_masks[k + 1]
+        trace[k] = 1.0
+        advantages += weight * trace * deltas[k]
+    return advantages
 
-    @torch.no_grad()
-    def sequence_ratios(agents):
-        """r_j over the whole buffer, (len(agents), T * E), evaluated on the training chunks from their stored start
-        hidden states as the surrogate is, under no_grad (FIX 10), batched over agents."""
-        todo = [j for j in agents if j not in sequence_cache]
-        if todo:
-            keys = ("obs", "actor_h", "actions", "logprobs")
-            todo_data = dict({key: data[key][todo] for key in keys}, masks=buf.masks, step=data["step"])
-            chunks = next(chunk_minibatches(todo_data, T, args.data_chunk_length, 1))
-            mean, std, _ = actor(chunks["obs"], chunks["actor_h"], chunks["masks"], todo)
-            ratios = mean_ratio(squashed_log_prob(mean, std, chunks["actions"]), chunks["logprobs"], todo)
-            for j, ratio in zip(todo, ratios):
-                sequence_cache[j] = torch.empty(T * E).index_put_((chunks["step"].flatten(),), ratio.flatten())
-        return torch.stack([sequence_cache[j] for j in agents])
 
-    @torch.no_grad()
-    def trace_update(i, agents):
-        """docs/method.md §11: agent i's advantages re-estimated with rho_t = prod_{j in agents} r_j (the agents updated so
-        far and i itself), V_T from the current critic, everything de-normalised with VN_i's current statistics."""
-        nonlocal advantages
-        last_value, _ = critic(buf.state[[i], T, None], buf.critic_h[[i], T], buf.masks[T, None], [i])
-        deltas, value = trace_deltas(args, buf, value_norm, i, last_value)
-        rho = buffer_ratios(agents).prod(0)
-        if args.trace_variant == "speedup":
-            traced = speedup_trace(deltas, rho, buf.masks, buf.bad_masks, args.gamma, args.gae_lambda)
-        else:
-            lam_squared = args.trace_lambda_squared
-            traced = retrace_trace(
-                deltas, rho, buf.masks, buf.bad_masks, args.gamma, args.gae_lambda, args.trace_clip, lam_squared
+def trace_deltas(args, buf, value_norm, i, last_value):
+    """Agent i's TD errors (T, E) for its trace, de-normalised with VN_i's statistics at the time
+    of the trace: delta_t = r_t + gamma b_t V(s_final) + gamma V_{t+1} m_{t+1} - V_t, V_t the
+    rollout's values, V_T = last_value (normalised, from the current critic), b_t = buf.boot[t]."""
+    value = value_norm.denormalize(torch.cat([buf.values[[i], :-1], last_value], 1), [i])[0]
+    rewards = (
+        buf.rewards + args.gamma * buf.boot * value_norm.denormalize(buf.final_values[[i]], [i])[0]
+    )
+    return rewards + args.gamma * value[1:] * buf.masks[1:] - value[:-1], value
+
+
+def clip_eps(args, position, n_agents):
+    """docs/method.md §11: eps_k = eps (w k / n + 1 - w), k the 1-based position, w
+    --clip-tuner-weight."""
+    w = args.clip_tuner_weight
+    return args.clip_coef * (w * position / n_agents + 1 - w)
+
+
+def agent_order(kind, scores):
+    """docs/method.md §11. semi_greedy: the highest score first, then alternately a uniformly
+    random and the highest of the remaining agents; greedy: by score; random: a uniform
+    permutation (HAPPO-like); cyclic: 0 ... n - 1."""
+    if kind == "random":
+        return torch.randperm(len(scores)).tolist()
+    ranked = torch.argsort(scores, descending=True, stable=True).tolist()
+    if kind == "cyclic":  # 0 ... n - 1 every iteration, as the reference
+        ranked.sort()
+    order = []
+    while ranked:
+        pick_random = kind == "semi_greedy" and len(order) % 2 == 1
+        order.append(ranked.pop(int(torch.randint(len(ranked), ())) if pick_random else 0))
+    return order
+
+
+@torch.no_grad()
+def policy_ratios(args, actor, data, agents, cache, stepwise):
+    """r_j of `agents` under their current policies over the whole batch, (len(agents), T * E) by
+    flat (t, env) index: one ratio per sample, the mean of the per-dim ratios over the real dims
+    (KEEP 19, FIX 12) or with --no-per-dim-ratio the joint ratio. stepwise: one step at a time
+    from the stored rollout hidden states (KEEP 23, the reference's trace evaluation); else on the
+    training chunks from their stored start hidden states, as the surrogate sees them (FIX 10).
+    Evaluating the policies is most of the update's time, and an agent's ratio only changes when
+    a parameter its policy reads changes: the shared ones and its own group. PyTorch counts every
+    in-place change of a tensor (`_version`, e.g. optimizer.step()), so each ratio is kept in
+    `cache` with the versions of those parameters and computed again only when they differ; no
+    code elsewhere has to drop an entry after a step. `cache`: a dict, owned by this function."""
+    # each parameter's agent; None: a shared one, which every agent's policy reads
+    owner = {id(p): j for j in range(actor.n_agents) for p in agent_parameters(actor, j, args)}
+    params = [(owner.get(id(p)), p._version) for p in actor.parameters()]
+    versions = {j: [v for k, v in params if k in (None, j)] for j in agents}
+    todo = [j for j in agents if cache.get((stepwise, j), (None,))[0] != versions[j]]
+    if todo:  # in one batched call: one policy evaluation for all of them
+        T = len(data["step"])
+        x = {key: data[key][todo] for key in ("obs", "actor_h", "actions", "logprobs")}
+        if stepwise:  # each (t, env) a sequence of length 1, in order
+            x = {key: v[:, :T].flatten(1, 2)[:, None] for key, v in x.items()}
+            x.update(
+                actor_h=x["actor_h"][:, 0],
+                masks=data["masks"][:T].reshape(1, -1),
+                step=data["step"],
             )
-        traced_returns[i] = traced + value[:-1]
-        if args.approx_trace:  # KEEP 30: the critic regresses onto the traced return
-            targets[i] = traced_returns[i]
-        gaps = traced_returns - value_norm.denormalize(buf.values[:, :T])
-        advantages = (gaps - gaps.mean()) / (gaps.std(correction=0) + 1e-5)  # standardised over all agents' entries
-        stats["trace_rho"].append(rho.mean().item())
-        stats["trace_trunc"].append((rho > args.trace_clip).float().mean().item())
-        stats["trace_adv_gap"].append((advantages[i] - rollout_advantages[i]).abs().mean().item())
+        else:
+            x.update(masks=data["masks"], step=data["step"])
+            x = next(chunk_minibatches(x, T, args.data_chunk_length, 1))
+        mean, std, _ = actor(x["obs"], x["actor_h"], x["masks"], todo)
+        dims = actor.action_dims[todo][:, None, None]
+        log_ratio = (squashed_log_prob(mean, std, x["actions"]) - x["logprobs"]) * dims
+        if args.per_dim_ratio:
+            ratio = (log_ratio.exp() * dims).sum(-1) / dims.sum(-1)
+        else:
+            ratio = log_ratio.sum(-1).exp()
+        # back in flat (t, env) order: argsort inverts the samples' permutation
+        ratios = ratio.flatten(1)[:, x["step"].flatten().argsort()]
+        for j, r in zip(todo, ratios):
+            cache[stepwise, j] = versions[j], r
+    return torch.stack([cache[stepwise, j][1] for j in agents])
 
-    def critic_step(i, mb):
-        critic_loss = value_loss(args, critic, value_norm, mb, [i]) / N  # KEEP 30: loss / n
-        critic_optim.zero_grad()
-        (args.vf_coef * critic_loss).backward()
-        stats["critic_grad_norm"].append(clip_and_step([critic_optim], [list(critic.parameters())], args.max_grad_norm))
-        stats["value_loss"].append(critic_loss.item() * N)
 
-    def turn(i, others, eps):
-        """Agent i's epochs: [--two-stage: a critic-only pass over its minibatches], then an actor step on the surrogate
-        and a critic step per minibatch, on agent i's rows; the others' ratios come from sequence_ratios."""
-        optimizer, group = (actor_optims[0], actor_groups[0]) if phase == "ps" else (actor_optims[i], actor_groups[i])
-        turn_data = {key: x[[i]] if x.dim() > 2 else x for key, x in data.items()}
-        turn_data.update(advantages=advantages[[i]], returns=targets[[i]])
-        for _ in range(1 if args.a2po_loop == "ppo" else args.update_epochs):
-            minibatches = list(chunk_minibatches(turn_data, T, args.data_chunk_length, args.num_minibatches))
-            for mb in minibatches if args.two_stage else []:
-                critic_step(i, mb)
-            for mb in minibatches:
-                others_ratio = torch.ones_like(mb["advantages"])
-                if others:  # FIX 10: the other agents' current ratios on the same samples, under no_grad
-                    product = sequence_ratios(others).prod(0)[mb["step"]][None]
-                    others_ratio = product.clamp(1 - args.others_clip_coef, 1 + args.others_clip_coef)  # as a whole
-                    stats["others_ratio"].append(product.flatten())
-                mean, std, _ = actor(mb["obs"], mb["actor_h"], mb["masks"], [i])
-                log_ratio = (squashed_log_prob(mean, std, mb["actions"]) - mb["logprobs"]) * dims[[i]]
-                if not args.per_dim_ratio:  # KEEP 19: by default a ratio and a clip per action dim, summed
-                    log_ratio = log_ratio.sum(-1, keepdim=True)
-                ratio = log_ratio.exp() * others_ratio[..., None]
-                advantage = mb["advantages"][..., None]
-                surrogate = torch.min(ratio * advantage, ratio.clamp(1 - eps, 1 + eps) * advantage)
-                policy_loss = -(surrogate * ratio_dims[[i]]).sum(-1)
-                entropy = (squashed_entropy(mean, std) * dims[[i]]).sum(-1)
-                loss = policy_loss.mean() - args.ent_coef * entropy.mean()
-                optimizer.zero_grad()
-                (loss / N if phase == "ps" else loss).backward()  # phase ps divides agent i's loss by n
-                stats["actor_grad_norm"].append(clip_and_step([optimizer], [group], args.max_grad_norm))
-                for j in range(N) if phase == "ps" else [i]:  # whose policy changed: everyone's (shared weights) or i's
-                    cache.pop(j, None)
-                    sequence_cache.pop(j, None)
-                critic_step(i, mb)
-                with torch.no_grad():
-                    entries = (ratio_dims[[i]] * torch.ones_like(log_ratio)).sum().item()
-                    stats["approx_kl"].append(((log_ratio.exp() - 1 - log_ratio) * ratio_dims[[i]]).sum().item() / entries)
-                    stats["clipfrac"].append((((ratio - 1).abs() > eps) * ratio_dims[[i]]).sum().item() / entries)
-                stats["policy_loss"].append(policy_loss.mean().item())
-                stats["entropy"].append(entropy.mean().item())
+@torch.no_grad()
+def trace_agent(args, models, buf, data, i, agents, cache, returns, stats):
+    """docs/method.md §11: agent i's returns re-estimated with rho_t = prod_{j in agents} r_j,
+    V_T from the current critic, all de-normalised with VN_i's statistics now; then every agent's
+    advantages R - V standardised over all entries. Returns new returns and advantages."""
+    actor, critic, value_norm = models
+    last_value, _ = critic(buf.state[[i], -1:], buf.critic_h[[i], -1], buf.masks[-1:], [i])
+    deltas, value = trace_deltas(args, buf, value_norm, i, last_value)
+    rho = policy_ratios(args, actor, data, agents, cache, True).prod(0).view_as(buf.rewards)
+    trace = (buf.masks, buf.bad_masks, args.gamma, args.gae_lambda)
+    if args.trace_variant == "speedup":
+        traced = speedup_trace(deltas, rho, *trace)
+    else:
+        traced = retrace_trace(deltas, rho, *trace, args.trace_clip, args.trace_lambda_squared)
+    returns = returns.clone()  # a new tensor: the caller's is left as it was
+    returns[i] = traced + value[:-1]
+    gaps = returns - value_norm.denormalize(buf.values[:, :-1])
+    advantages = (gaps - gaps.mean()) / (gaps.std(correction=0) + 1e-5)
+    stats["a2po/trace_rho_mean"].append(rho.mean().item())
+    stats["a2po/trace_trunc_frac"].append((rho > args.trace_clip).float().mean().item())
+    gap = advantages[i] - data["advantages"][i]  # from the rollout's GAE advantages
+    stats["a2po/trace_adv_gap"].append(gap.abs().mean().item())
+    return returns, advantages
 
-    positions = [0] * N
-    clips = {}
-    for epoch in range(args.update_epochs if args.a2po_loop == "ppo" else 1):  # agent loop: epochs inside turn()
-        if epoch > 0:  # ppo loop: every epoch after the first re-traces every agent with all agents' ratios
-            for j in range(N):
-                trace_update(j, list(range(N)))
+
+def critic_step(args, critic, value_norm, critic_optim, mb, i, stats):
+    """One critic step on agent i's rows of the minibatch, its loss / n (KEEP 30)."""
+    value_norm.update(mb["returns"], [i])  # agent i's normaliser first takes them (reference)
+    critic_loss = value_loss(args, critic, value_norm, mb, [i]) / critic.n_agents
+    critic_optim.zero_grad()
+    (args.vf_coef * critic_loss).backward()
+    stats["losses/critic_grad_norm"].append(
+        clip_and_step([critic_optim], [list(critic.parameters())], args.max_grad_norm)
+    )
+    stats["losses/value_loss"].append(critic_loss.item() * critic.n_agents)
+
+
+def turn(args, phase, models, optimizers, data, i, others, eps, cache, stats):
+    """Agent i's turn (docs/method.md §11) on its rows of `data`: its epochs (ppo loop: one), each
+    [--two-stage: a critic-only pass over its minibatches, then] per minibatch an actor step on
+    the clipped surrogate of its ratio times the others' clipped product, and a critic step. Phase
+    ps steps the shared optimiser (agent i's loss / n); lora and nps only agent i's own, so that
+    only agent i's policy changes in its turn."""
+    actor, critic, value_norm = models
+    actor_optims, actor_groups, critic_optim = optimizers
+    k = 0 if phase == "ps" else i  # the optimiser that steps: the shared one, or agent i's
+    dims = actor.action_dims[[i]][:, None, None]  # (1, 1, 1, act_dim): 0 on padded dims (FIX 12)
+    # KEEP 19: a ratio and a clip per action dim, summed; or one joint ratio
+    ratio_dims = dims if args.per_dim_ratio else dims[..., :1]
+    turn_data = {key: x[[i]] if x.dim() > 2 else x for key, x in data.items()}
+    for _ in range(1 if args.a2po_loop == "ppo" else args.update_epochs):
+        minibatches = list(
+            chunk_minibatches(
+                turn_data, args.num_steps, args.data_chunk_length, args.num_minibatches
+            )
+        )
+        for mb in minibatches if args.two_stage else []:
+            critic_step(args, critic, value_norm, critic_optim, mb, i, stats)
+        for mb in minibatches:
+            mean, std, _ = actor(mb["obs"], mb["actor_h"], mb["masks"], [i])
+            log_ratio = (squashed_log_prob(mean, std, mb["actions"]) - mb["logprobs"]) * dims
+            if not args.per_dim_ratio:
+                log_ratio = log_ratio.sum(-1, keepdim=True)
+            ratio = log_ratio.exp()
+            if others:  # FIX 10: times the other agents' current ratios on the same samples
+                product = policy_ratios(args, actor, data, others, cache, False).prod(0)[mb["step"]]
+                stats["others_ratio"].append(product.flatten())
+                clip = args.others_clip_coef  # the product is clipped as a whole
+                ratio = ratio * product.clamp(1 - clip, 1 + clip)[..., None]
+            advantage = mb["advantages"][..., None]
+            surrogate = torch.min(ratio * advantage, ratio.clamp(1 - eps, 1 + eps) * advantage)
+            policy_loss = -(surrogate * ratio_dims).sum(-1)
+            entropy = (squashed_entropy(mean, std) * dims).sum(-1)
+            loss = policy_loss.mean() - args.ent_coef * entropy.mean()
+            actor_optims[k].zero_grad()
+            (loss / actor.n_agents if phase == "ps" else loss).backward()  # ps: / n (reference)
+            stats["losses/actor_grad_norm"].append(
+                clip_and_step([actor_optims[k]], [actor_groups[k]], args.max_grad_norm)
+            )
+            critic_step(args, critic, value_norm, critic_optim, mb, i, stats)
+            with torch.no_grad():
+                entries = (ratio_dims * torch.ones_like(log_ratio)).sum().item()
+                approx_kl = ((log_ratio.exp() - 1 - log_ratio) * ratio_dims).sum().item() / entries
+                clipfrac = (((ratio - 1).abs() > eps) * ratio_dims).sum().item() / entries
+            stats["losses/policy_loss"].append(policy_loss.mean().item())
+            stats["losses/entropy"].append(entropy.mean().item())
+            stats["losses/approx_kl"].append(approx_kl)
+            stats["losses/clipfrac"].append(clipfrac)
+
+
+def update(args, phase, actor, critic, value_norm, optimizers, buf, returns, advantages):
+    """A2PO (docs/method.md §11): the agents take turns in a semi-greedy order. Agent i at position
+    k maximises the clipped surrogate of r_i clip(prod_{j in others} r_j, 1 +- eps_o) with the
+    clip eps_k, on advantages re-traced with the ratios of the agents updated so far; the shared
+    critic steps on agent i's rows in its turn."""
+    N = actor.n_agents
+    models = (actor, critic, value_norm)
+    # the rollout's batch, its GAE advantages, and each (t, env)'s flat index (a minibatch's
+    # look-up of the cached ratios)
+    data = {
+        key: getattr(buf, key)
+        for key in ("obs", "state", "actor_h", "critic_h", "masks", "actions", "logprobs", "values")
+    }
+    data.update(advantages=advantages, step=torch.arange(buf.rewards.numel()).view_as(buf.rewards))
+    normalised = buf.values[:, :-1]  # KEEP 24: the order score |A / V| with normalised V
+    scores = (advantages / torch.where(normalised == 0, 1e-8, normalised)).abs().mean((1, 2))
+    traced = returns  # the returns re-estimated so far (none yet: GAE's)
+    cache, stats = {}, defaultdict(list)
+    values = value_norm.denormalize(buf.values[:, :-1])  # before the update changes VN
+    stats["losses/explained_variance"] = [(1 - (returns - values).var() / returns.var()).item()]
+    ppo_loop = args.a2po_loop == "ppo"
+    for epoch in range(args.update_epochs if ppo_loop else 1):  # agent loop: epochs in turn()
+        # ppo loop: each later epoch first re-traces every agent with all agents' ratios
+        for j in range(N) if epoch > 0 else []:
+            traced, advantages = trace_agent(
+                args, models, buf, data, j, range(N), cache, traced, stats
+            )
         order = agent_order(args.a2po_order, scores)
         for position, i in enumerate(order, start=1):
-            if position > 1:
-                trace_update(i, order[:position])
+            if position > 1:  # agent i's advantages under the agents updated so far (and its own)
+                traced, advantages = trace_agent(
+                    args, models, buf, data, i, order[:position], cache, traced, stats
+                )
             # KEEP 13: the reference's ppo loop gives every agent the first position's clip
-            first_clip = args.a2po_clip_schedule == "reference" and args.a2po_loop == "ppo"
-            clips[position] = clip_eps(args, 1 if first_clip else position, N)
-            positions[i] = position
-            # KEEP 14: the reference's ppo loop multiplies over every other agent's ratio, the agent loop over predecessors
-            every_other = args.a2po_others == "reference" and args.a2po_loop == "ppo"
-            turn(i, [j for j in range(N) if j != i] if every_other else order[: position - 1], clips[position])
-    out = {f"losses/{key}": float(np.mean(stats[key])) for key in ("policy_loss", "value_loss", "entropy", "approx_kl")}
-    out.update({f"losses/{key}": float(np.mean(stats[key])) for key in ("clipfrac", "actor_grad_norm", "critic_grad_norm")})
-    out.update({f"a2po/order_pos/agent_{i}": position for i, position in enumerate(positions)})
-    out.update({f"a2po/clip_eps/pos_{position}": clip for position, clip in clips.items()})
-    if stats["others_ratio"]:
-        product = torch.cat(stats["others_ratio"])
-        out.update({"a2po/others_ratio_mean": product.mean().item(), "a2po/others_ratio_min": product.min().item()})
-        out["a2po/others_ratio_max"] = product.max().item()
-    for key, tag in (("trace_rho", "trace_rho_mean"), ("trace_trunc", "trace_trunc_frac"), ("trace_adv_gap", "trace_adv_gap")):
-        if stats[key]:  # no traces when a single agent is updated
-            out[f"a2po/{tag}"] = float(np.mean(stats[key]))
-    return out
+            first = ppo_loop and args.a2po_clip_schedule == "reference"
+            eps = clip_eps(args, 1 if first else position, N)
+            # KEEP 14: the reference's ppo loop multiplies every other agent's ratio, the agent
+            # loop its predecessors'
+            every_other = ppo_loop and args.a2po_others == "reference"
+            others = [j for j in range(N) if j != i] if every_other else order[: position - 1]
+            # KEEP 30: the critic regresses onto the traced returns (--no-approx-trace: GAE's)
+            turn_data = dict(
+                data, advantages=advantages, returns=traced if args.approx_trace else returns
+            )
+            turn(args, phase, models, optimizers, turn_data, i, others, eps, cache, stats)
+            stats[f"a2po/order_pos/agent_{i}"] = [position]  # the last epoch's
+            stats[f"a2po/clip_eps/pos_{position}"] = [eps]
+    if "others_ratio" in stats:  # over every sample of every minibatch
+        product = torch.cat(stats.pop("others_ratio"))
+        for name in ("mean", "min", "max"):
+            stats[f"a2po/others_ratio_{name}"] = [getattr(product, name)().item()]
+    return {key: float(np.mean(values)) for key, values in stats.items()}
 
 
 # ==== 9. EVALUATION ====
+def eval_seeds(args):
+    """The eval envs' own seed stream, the same at every evaluation (docs/method.md §8)."""
+    return [args.seed * 50000 + 10000 * k for k in range(args.eval_episodes)]
+
+
 @torch.inference_mode()
 def evaluate(args, actor, envs):
-    """Greedy evaluation (§8), one episode per eval env seeded 50000 seed + 10000 k every time: the mean team return."""
+    """Greedy evaluation (tanh of the mean), one episode per eval env: the mean team return."""
     n = envs.num_envs
-    obs, _ = envs.reset(seed=[args.seed * 50000 + 10000 * k for k in range(n)])
+    obs, _ = envs.reset(seed=eval_seeds(args))
     h = torch.zeros(actor.n_agents, n, args.hidden_size, device=actor.action_dims.device)
     masks = torch.ones(1, n, device=h.device)
     episode_return = np.zeros(n)
     episode_length = np.zeros(n)
     done = np.zeros(n, bool)
-    while not done.all():
-        mean, _, h = actor(torch.as_tensor(obs["obs"], device=h.device).transpose(0, 1)[:, None], h, masks)
-        actions = torch.tanh(mean[:, 0]).transpose(0, 1).cpu().numpy()
-        if not np.isfinite(actions).all():
-            raise FloatingPointError("non-finite actions in evaluation")
-        obs, reward, terminated, truncated, _ = envs.step(actions)
-        episode_return += reward * ~done
-        episode_length += ~done
-        ended = terminated | truncated
-        done |= ended
-        if ended.any() and not done.all():  # keeps the vector env steppable; later episodes do not count
-            obs, _ = envs.reset(options={"reset_mask": ended})
-    return dict(episodic_return=episode_return.mean(), episodic_length=episode_length.mean(), num_episodes=n)
+    with merged_weights(actor):  # each agent's weights once per evaluation, not per step
+        while not done.all():
+            obs = torch.as_tensor(obs["obs"], device=h.device).transpose(0, 1)[:, None]
+            mean, _, h = actor(obs, h, masks)
+            actions = torch.tanh(mean[:, 0]).transpose(0, 1).cpu().numpy()
+            if not np.isfinite(actions).all():
+                raise FloatingPointError("non-finite actions in evaluation")
+            obs, reward, terminated, truncated, _ = envs.step(actions)
+            episode_return += reward * ~done
+            episode_length += ~done
+            ended = terminated | truncated
+            done |= ended
+            if ended.any() and not done.all():  # keep the vector env steppable; no counting
+                obs, _ = envs.reset(options={"reset_mask": ended})
+    return dict(
+        episodic_return=episode_return.mean(), episodic_length=episode_length.mean(), num_episodes=n
+    )
+
+
+def log_evaluation(writer, args, actor, envs, global_step):
+    start = time.time()
+    result = evaluate(args, actor, envs)
+    for key, value in result.items():
+        writer.add_scalar(f"eval/{key}", value, global_step)
+    writer.add_scalar("perf/eval_s", time.time() - start, global_step)
+    print(f"  eval @ step {global_step}: return {result['episodic_return']:.2f}")
 
 
 # ==== 10. CHECKPOINTS ====
+CHECKPOINT_FORMAT = 2  # checkpoints of earlier versions of the scripts are refused
+
+
 def load_checkpoint(args):
-    """Read --checkpoint (one line if it is not a checkpoint of these scripts). --resume and --eval-only take its task,
-    shape and settings, and a few from the command line (--resume: a longer run; --eval-only: seed and episodes)."""
+    """Read --checkpoint, one line if it is not a checkpoint of these scripts. --resume and
+    --eval-only take its task and settings, and from the command line a few flags (--resume: a
+    longer run; --eval-only: seed and episodes)."""
     if args.checkpoint is None:
         if args.resume or args.eval_only:
-            fail(f"--{'resume' if args.resume else 'eval-only'} needs --checkpoint PATH (a checkpoint.pt of these scripts)")
+            flag = "resume" if args.resume else "eval-only"
+            fail(f"--{flag} needs --checkpoint PATH (a checkpoint.pt of these scripts)")
         return args, None
     try:
         checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - a missing or unreadable file gets the same one-line answer
-        fail(f"--checkpoint {args.checkpoint!r} cannot be read as a checkpoint ({type(error).__name__})")
+    except Exception as error:  # noqa: BLE001 - missing or unreadable: the same one line
+        fail(f"--checkpoint {args.checkpoint!r} cannot be read ({type(error).__name__})")
     if not isinstance(checkpoint, dict) or not {"args", "actor", "phase"} <= set(checkpoint):
-        fail(f"--checkpoint {args.checkpoint!r} is not a checkpoint of these scripts (adapters.pt holds adapters only)")
+        why = "is not a checkpoint of these scripts (adapters.pt holds adapters only)"
+        fail(f"--checkpoint {args.checkpoint!r} {why}")
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        fail(f"--checkpoint {args.checkpoint!r} was written by an earlier version of the scripts")
     if args.resume or args.eval_only:
         keep = ["cuda", "threads", "checkpoint", "resume", "eval_only", "run_dir", "async_envs"]
-        keep += ["seed", "eval_episodes", "max_episode_steps"] if args.eval_only else ["total_timesteps"]
-        saved = {key: value for key, value in checkpoint["args"].items() if key in Args.__dataclass_fields__}
-        args = Args(**{**saved, **{key: getattr(args, key) for key in keep if hasattr(args, key)}})
-        args.total_timesteps = args.total_timesteps or saved["total_timesteps"]
+        if args.eval_only:
+            keep += ["seed", "eval_episodes", "max_episode_steps"]
+        elif args.total_timesteps != Args.total_timesteps:  # a longer run (not the default)
+            keep += ["total_timesteps"]
+        saved = {k: v for k, v in checkpoint["args"].items() if k in Args.__dataclass_fields__}
+        args = Args(**{**saved, **{key: getattr(args, key) for key in keep}})
     return args, checkpoint
 
 
 def check_checkpoint(args, checkpoint):
-    """One line if the checkpoint is of another task or shape, or one this share mode cannot start from."""
+    """One line if the checkpoint is of another task or shape, or one this mode cannot load."""
     saved = checkpoint["args"]
     for key in TASK_KEYS:
         if saved[key] != getattr(args, key):
             flag = f"--{key.replace('_', '-')} {saved[key]}"
-            fail(f"--checkpoint is for {key}={saved[key]!r}, this run has {getattr(args, key)!r}; accepted: {flag}")
+            fail(
+                f"--checkpoint is for {key}={saved[key]!r}, not {getattr(args, key)!r}; use {flag}"
+            )
     accepted = {"ps": ("ps",), "lorasa": ("ps", "lora"), "nps": ("nps",)}[args.share_mode]
     if checkpoint["phase"] not in accepted:
-        source = f"a phase-{checkpoint['phase']} policy ({saved['share_mode']} run)"
-        fail(f"--checkpoint holds {source}, which --share-mode {args.share_mode} cannot load; accepted: {' '.join(accepted)}")
-    for key in ("rank", "lora_alpha", "lora_layers", "train_agent_bias") if checkpoint["phase"] == "lora" else ():
+        fail(
+            f"--checkpoint holds a phase-{checkpoint['phase']} policy ({saved['share_mode']} run),"
+            f" which --share-mode {args.share_mode} cannot load; accepted: {' '.join(accepted)}"
+        )
+    adapter_keys = ("rank", "lora_alpha", "lora_layers", "train_agent_bias")
+    for key in adapter_keys if checkpoint["phase"] == "lora" else ():
         if saved[key] != getattr(args, key):  # trained adapters must fit
-            fail(f"--checkpoint has adapters with {key}={saved[key]!r}, this run has {getattr(args, key)!r}")
-    if not args.eval_only and checkpoint["global_step"] >= args.total_timesteps:
-        step = checkpoint["global_step"]
-        fail(f"--total-timesteps {args.total_timesteps} leaves nothing to train after step {step}; accepted: > {step}")
+            fail(f"--checkpoint has adapters with {key}={saved[key]!r}, not {getattr(args, key)!r}")
+    step = checkpoint["global_step"]
+    if not args.eval_only and step >= args.total_timesteps:
+        fail(
+            f"--total-timesteps {args.total_timesteps} leaves nothing to train after step {step};"
+            f" accepted: > {step}"
+        )
+
+
+def load_weights(args, checkpoint, actor, critic, value_norm, critic_optim):
+    """Load a checkpoint's networks; returns the phase, step and iteration to go on from. A ps
+    checkpoint gives the shared weights only: this run's adapters keep their init (dW = 0)."""
+    from_ps = checkpoint["phase"] == "ps"
+    actor_state = {k: v for k, v in checkpoint["actor"].items() if not (from_ps and "lora_" in k)}
+    actor.load_state_dict(actor_state, strict=not from_ps)
+    critic.load_state_dict(checkpoint["critic"])
+    value_norm.load_state_dict(checkpoint["value_norm"])
+    critic_optim.load_state_dict(checkpoint["critic_optim"])
+    global_step = checkpoint["global_step"]  # the x-axis continues
+    if args.resume:
+        return checkpoint["phase"], global_step, checkpoint["iteration"]
+    phase = "lora" if args.share_mode == "lorasa" else checkpoint["phase"]  # lora at once
+    return phase, global_step, global_step // args.batch_size
 
 
 def make_run_dir(args):
-    """The run's folder: with --resume the checkpoint's own, otherwise a new one under --run-dir (never an existing
-    folder); one line if it cannot be written."""
-    name = f"{args.task}__{args.exp_name}__{args.share_mode}-r{args.rank}__{args.seed}__{int(time.time())}"
-    path = os.path.dirname(os.path.abspath(args.checkpoint)) if args.resume else os.path.join(args.run_dir, name)
-    while not args.resume and os.path.exists(path):  # a run of the same name started in the same second
+    """A new run folder under --run-dir (never an existing one), or with --resume the
+    checkpoint's own; one line if it cannot be written."""
+    name = f"{args.task}__{args.exp_name}__{args.share_mode}-r{args.rank}__{args.seed}"
+    path = os.path.join(args.run_dir, f"{name}__{int(time.time())}")
+    if args.resume:
+        path = os.path.dirname(os.path.abspath(args.checkpoint))
+    while not args.resume and os.path.exists(path):  # a run of the same name in the same second
         path += "+"
     try:
         os.makedirs(path, exist_ok=args.resume)
         if not os.access(path, os.W_OK):
             raise PermissionError(path)
     except OSError as error:
-        fail(f"--run-dir {args.run_dir!r}: cannot write {path!r} ({type(error).__name__}); accepted: a writable folder")
+        why = f"cannot write {path!r} ({type(error).__name__})"
+        fail(f"--run-dir {args.run_dir!r}: {why}; accepted: a writable folder")
     return path
 
 
-def save_checkpoint(path, payload, actor):
-    """Write `payload` atomically, and beside a checkpoint.pt of phase lora adapters.pt (per adapted layer A (N, r, in),
-    B (N, out, r), bias (N, out), scaling; the log-std offsets (N, act_dim)). Refuses non-finite weights (docs §8)."""
+def adapters_only(actor):
+    """Per adapted layer A (N, r, in), B (N, out, r), bias (N, out), scaling; and the log-std
+    offsets (N, act_dim): what phase lora learned, for use outside these scripts."""
+    adapters = {"log_std_offset": stack(actor.lora_std).detach().cpu()}
+    for name, module in actor.named_modules():
+        if isinstance(module, LoRALinear) and module.rank:
+            parts = dict(A=module.lora_A, B=module.lora_B, bias=module.lora_bias)
+            adapters[name] = {key: stack(part).detach().cpu() for key, part in parts.items()}
+            adapters[name]["scaling"] = module.scaling
+    return adapters
+
+
+def save_checkpoint(path, args, progress, actor, critic, value_norm, optimizers):
+    """Write checkpoint.pt atomically (a temporary file, then a rename), in phase lora with
+    adapters.pt beside it; refuses non-finite weights. `progress`: phase, global_step, iteration
+    and the package versions."""
+    actor_optims, _, critic_optim = optimizers
+    payload = dict(format=CHECKPOINT_FORMAT, args=dataclasses.asdict(args), **progress)
+    payload.update(actor=actor.state_dict(), critic=critic.state_dict())
+    payload.update(value_norm=value_norm.state_dict(), critic_optim=critic_optim.state_dict())
+    payload["actor_optim"] = [optimizer.state_dict() for optimizer in actor_optims]
+    payload["rng"] = dict(torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        payload["rng"]["cuda"] = torch.cuda.get_rng_state_all()
     for key in ("actor", "critic"):
-        if not all(tensor.isfinite().all() for tensor in payload[key].values() if tensor.is_floating_point()):
+        if not all(t.isfinite().all() for t in payload[key].values() if t.is_floating_point()):
             raise FloatingPointError(f"non-finite {key} weights")
     files = {path: payload}
-    if os.path.basename(path) == "checkpoint.pt" and actor.lora_on:
-        adapters = {"log_std_offset": stack(actor.lora_std).detach().cpu()} if hasattr(actor, "lora_std") else {}
-        for name, module in actor.named_modules():
-            if isinstance(module, LoRALinear) and module.adapted:
-                parts = dict(A=module.lora_A, B=module.lora_B, bias=module.lora_bias)
-                adapters[name] = {key: stack(part).detach().cpu() for key, part in parts.items()}
-                adapters[name]["scaling"] = module.scaling
-        files[os.path.join(os.path.dirname(path), "adapters.pt")] = adapters
+    if os.path.basename(path) == "checkpoint.pt" and progress["phase"] == "lora":
+        files[os.path.join(os.path.dirname(path), "adapters.pt")] = adapters_only(actor)
     for file, content in files.items():
         torch.save(content, f"{file}.tmp{os.getpid()}")
         os.replace(f"{file}.tmp{os.getpid()}", file)
+    return path
+
+
+class CtrlC:
+    """First Ctrl-C: the iteration finishes, a checkpoint is saved, exit 130 (no half-applied
+    update is saved). Second Ctrl-C: quit at once."""
+
+    def __init__(self):
+        self.pressed = False
+        signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame):
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+        print("Ctrl-C: finishing the iteration, then saving (again: quit now)", file=sys.stderr)
+
+
+def log_start(writer, args, actor, critic, global_step):
+    """The effective arguments and versions (printed and in TensorBoard), and the sizes."""
+    packages = ("torch", "gymnasium-robotics", "mujoco", "tyro")
+    versions = {f"version/{p}": importlib.metadata.version(p) for p in packages}
+    hparams = {**vars(args), **versions}
+    print(" ".join(f"{key}={value}" for key, value in hparams.items()))
+    table = "\n".join(f"|{k}|{str(v).replace('|', '&#124;')}|" for k, v in hparams.items())
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+    n = actor.n_agents
+    adapters = sum(p.numel() for p in agent_parameters(actor, 0, args)) if not actor.nps else 0
+    shared = sum(p.numel() for name, p in actor.named_parameters() if "lora_" not in name)
+    shared = shared // n if actor.nps else shared
+    sizes = dict(shared_params=shared, adapter_params_per_agent=adapters, nps_params=n * shared)
+    sizes["critic_params"] = sum(p.numel() for p in critic.parameters())
+    for key, value in sizes.items():
+        writer.add_scalar(f"lorasa/{key}", value, global_step)
+    print(f"{n} agents, {sizes}")
+    return versions
+
+
+def log_iteration(writer, args, iteration, phase, actor, groups, stats, finished, global_step):
+    """One iteration's TensorBoard scalars and its line on stdout."""
+    stats["charts/learning_rate"] = args.learning_rate
+    stats["charts/phase"] = {"ps": 0, "lora": 1, "nps": 2}[phase]
+    stats["perf/SPS_update"] = args.batch_size / stats["perf/update_s"]
+    stats["lorasa/trainable_params"] = sum(p.numel() for group in groups for p in group)
+    if finished:
+        stats["charts/episodic_return"] = float(np.mean([r for r, _ in finished]))
+        stats["charts/episodic_length"] = float(np.mean([n for _, n in finished]))
+    with torch.no_grad():  # how far each agent moved from the shared weights: sum ||s B_i A_i||_F
+        adapted = [m for m in actor.modules() if isinstance(m, LoRALinear) and m.lora_on]
+        deltas = [m.scaling * torch.bmm(stack(m.lora_B), stack(m.lora_A)) for m in adapted]
+        for i, log_std in enumerate(actor.log_std_of().mean(-1).tolist()):
+            norms = [torch.linalg.matrix_norm(delta[i]).item() for delta in deltas]
+            stats[f"lorasa/delta_norm/agent_{i}"] = sum(norms)
+            stats[f"lorasa/log_std/agent_{i}"] = log_std
+    for key, value in stats.items():
+        writer.add_scalar(key, value, global_step)
+    episodic = stats.get("charts/episodic_return", float("nan"))
+    times = f"rollout {stats['perf/rollout_s']:.2f}s update {stats['perf/update_s']:.2f}s"
+    progress = f"iter {iteration}/{args.num_iterations} step {global_step} phase {phase}"
+    print(f"{progress} return {episodic:9.2f} | {times}", flush=True)
+
+
+def resume_training(checkpoint, actor_optims, device):
+    """--resume: the actor optimisers' states and the RNG the training loop draws from."""
+    for optimizer, state in zip(actor_optims, checkpoint["actor_optim"]):
+        optimizer.load_state_dict(state)
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    if device.type == "cuda" and "cuda" in checkpoint["rng"]:
+        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
 
 
 # ==== 11. MAIN ====
 if __name__ == "__main__":
-    args, checkpoint = load_checkpoint(tyro.cli(Args))
+    args = tyro.cli(Args, default=Args(**task_defaults(sys.argv[1:])))
+    args, checkpoint = load_checkpoint(args)
     args = finalize_args(args)
     if checkpoint is not None:
         check_checkpoint(args, checkpoint)
-    # env setup: one env in this process first, so that a bad --agent-conf or env error surfaces before anything else
-    env = MaMuJoCoEnv(args.scenario, args.agent_conf, args.agent_obsk, args.obs_mode, args.max_episode_steps)
+    env = make_env(args)  # a bad --agent-conf fails here, before anything is written
     run_path = None if args.eval_only else make_run_dir(args)
 
     # TRY NOT TO MODIFY: seeding
@@ -1041,166 +1327,106 @@ if __name__ == "__main__":
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if args.cuda and device.type != "cuda":
-        warnings.warn("--cuda given but CUDA is not available: running on the CPU")
-    # one torch thread in rollouts and evaluation: idle worker threads spin after every small matmul and slow the env
-    # steps next to them (README, Performance); the update uses --threads
+    # one torch thread in rollouts and evaluations: idle threads spin after every small matmul
+    # and slow the env steps beside them (docs/performance.md); the update uses --threads
     torch.set_num_threads(1)
 
-    n_agents = env.n_agents
-    obs_dim = env.obs.shape[1]
+    n_agents, obs_dim = env.obs.shape
     state_dim = env.state.shape[1]
     act_dim = env.action_dims.shape[1]
-    eval_envs, _ = make_envs(args, [args.seed * 50000 + 10000 * k for k in range(args.eval_episodes)])
-    actor = GaussianActor(obs_dim, act_dim, n_agents, args, torch.as_tensor(env.action_dims)).to(device)
+    action_dims = torch.as_tensor(env.action_dims)
+    actor = GaussianActor(obs_dim, act_dim, n_agents, args, action_dims).to(device)
     critic = Critic(state_dim, n_agents, args).to(device)
     value_norm = ValueNorm(n_agents).to(device)
-    critic_optim = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=args.adam_eps)
+    lr, eps = args.critic_learning_rate, args.adam_eps
+    critic_optim = torch.optim.Adam(critic.parameters(), lr=lr, eps=eps)
     phase = "nps" if args.share_mode == "nps" else "ps"
-    global_step = 0
-    iteration = 0
+    global_step, iteration = 0, 0
     if checkpoint is not None:
-        # a PS-phase checkpoint gives the shared weights only: this run's adapters keep their init (dW = 0; any rank,
-        # alpha, layer set and init); any other checkpoint loads strictly
-        ps_checkpoint = checkpoint["phase"] == "ps"
-        actor_state = {key: value for key, value in checkpoint["actor"].items() if "lora_" not in key or not ps_checkpoint}
-        actor.load_state_dict(actor_state, strict=not ps_checkpoint)
-        critic.load_state_dict(checkpoint["critic"])
-        value_norm.load_state_dict(checkpoint["value_norm"])
-        critic_optim.load_state_dict(checkpoint["critic_optim"])
-        global_step = checkpoint["global_step"]  # the x-axis continues
-        iteration = checkpoint["iteration"] if args.resume else global_step // args.batch_size
-        if args.resume:
-            phase = checkpoint["phase"]
-        elif args.share_mode == "lorasa":  # a PS checkpoint starts the fine-tuning at once
-            phase = "lora"
+        models = (actor, critic, value_norm, critic_optim)
+        phase, global_step, iteration = load_weights(args, checkpoint, *models)
     actor_groups, actor_optims = start_phase(actor, phase, args)
-    merge(critic)
     if args.resume:
-        for optimizer, state in zip(actor_optims, checkpoint["actor_optim"]):
-            optimizer.load_state_dict(state)
-        torch.set_rng_state(checkpoint["rng"]["torch"])  # the only generator the training loop draws from
-        if device.type == "cuda" and checkpoint["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        resume_training(checkpoint, actor_optims, device)
+    eval_envs, _ = make_envs(args, eval_seeds(args))
 
     if args.eval_only:
         result = evaluate(args, actor, eval_envs)
-        print(f"eval {args.task} step {global_step}: return {result['episodic_return']:.2f}, {args.eval_episodes} runs")
+        returns = f"return {result['episodic_return']:.2f}"
+        print(f"eval {args.task} step {global_step}: {returns}, {args.eval_episodes} episodes")
         sys.exit(0)
 
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(run_path)
-    versions = {package: importlib.metadata.version(package) for package in ("torch", "gymnasium-robotics", "mujoco", "tyro")}
-    hparams = {**vars(args), "n_agents": n_agents, "device": str(device), **{f"version/{k}": v for k, v in versions.items()}}
-    table = "\n".join(f"|{key}|{str(value).replace('|', '&#124;')}|" for key, value in hparams.items())
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-    shared = sum(p.numel() for n, p in actor.named_parameters() if "lora_" not in n) // (n_agents if phase == "nps" else 1)
-    adapters = [p for n, p in actor.named_parameters() if "lora_" in n and ("lora_bias" not in n or args.train_agent_bias)]
-    counts = dict(shared_params=shared, adapter_params_per_agent=sum(p.numel() for p in adapters) // n_agents)
-    counts.update(nps_params=n_agents * shared, critic_params=sum(p.numel() for p in critic.parameters()))  # one each
-    for key, value in counts.items():
-        writer.add_scalar(f"lorasa/{key}", value, global_step)
-    print(f"{os.path.basename(run_path)}: {n_agents} agents, obs {obs_dim}, state {state_dim}, act {act_dim}; {counts}")
-
-    envs, obs = make_envs(args, [args.seed + 1000 * k + global_step for k in range(args.num_envs)])  # resume: new seeds
+    versions = log_start(writer, args, actor, critic, global_step)
+    # new seeds on --resume: the simulators' states are not in the checkpoint
+    train_seeds = [args.seed + 1000 * k + global_step for k in range(args.num_envs)]
+    envs, obs = make_envs(args, train_seeds)
     buf = RolloutBuffer(args, n_agents, obs_dim, state_dim, act_dim, device)
     buf.put_obs(0, obs)
     last_checkpoint = args.checkpoint
-    stop = []
+    ctrl_c = CtrlC()
 
     def save(name):
-        global last_checkpoint
-        if args.save_model:
-            rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else [])
-            state = dict(actor=actor.state_dict(), critic=critic.state_dict(), value_norm=value_norm.state_dict(), rng=rng)
-            state.update(actor_optim=[o.state_dict() for o in actor_optims], critic_optim=critic_optim.state_dict())
-            run = dict(args=dataclasses.asdict(args), phase=phase, global_step=global_step, iteration=iteration)
-            save_checkpoint(os.path.join(run_path, name), {**run, **state, "versions": versions}, actor)
-            last_checkpoint = os.path.join(run_path, name)
+        """The training state now, as <run folder>/<name>; None with --no-save-model."""
+        if not args.save_model:
+            return None
+        progress = dict(phase=phase, global_step=global_step, iteration=iteration)
+        progress["versions"] = versions
+        optimizers = (actor_optims, actor_groups, critic_optim)
+        models = (actor, critic, value_norm, optimizers)
+        return save_checkpoint(os.path.join(run_path, name), args, progress, *models)
 
-    def evaluate_and_save():
-        start = time.time()
-        result = evaluate(args, actor, eval_envs)
-        for key, value in result.items():
-            writer.add_scalar(f"eval/{key}", value, global_step)
-        writer.add_scalar("perf/eval_s", time.time() - start, global_step)
-        print(f"  eval @ step {global_step}: return {result['episodic_return']:.2f}, length {result['episodic_length']:.1f}")
-        save("checkpoint.pt")
-
-    def on_ctrl_c(signum, frame):
-        """First Ctrl-C: finish the iteration, save, exit 130 (no half-applied update is saved); second: quit now."""
-        if stop:
-            raise KeyboardInterrupt
-        stop.append(signum)
-        print("Ctrl-C: finishing this iteration, then saving a checkpoint (Ctrl-C again quits at once)", file=sys.stderr)
-
-    signal.signal(signal.SIGINT, on_ctrl_c)
-    start_step = global_step
-    start_time = time.time()
+    start_step, start_time = global_step, time.time()
     try:
         if not args.resume:
-            evaluate_and_save()
-        while iteration < args.num_iterations and not stop:
+            log_evaluation(writer, args, actor, eval_envs, global_step)
+            last_checkpoint = save("checkpoint.pt") or last_checkpoint
+        while iteration < args.num_iterations and not ctrl_c.pressed:
             iteration += 1
             if phase == "ps" and args.share_mode == "lorasa" and global_step >= args.lora_start:
                 save("ps_checkpoint.pt")
                 phase = "lora"
-                actor_groups, actor_optims = start_phase(actor, phase, args)  # the policy is unchanged: dW = 0
+                actor_groups, actor_optims = start_phase(actor, phase, args)
                 print(f"  phase switch at step {global_step}: shared actor frozen, adapters on")
 
             rollout_start = time.time()
             finished, env_seconds = collect_rollout(args, envs, actor, buf)
             global_step += args.batch_size
-            rollout_seconds = time.time() - rollout_start
 
             update_start = time.time()
             torch.set_num_threads(args.threads)
             critic_values(critic, buf)  # V(s_t) for GAE and the value clip
             returns, advantages = compute_returns(args, buf, value_norm)
             optimizers = (actor_optims, actor_groups, critic_optim)
-            stats = update(args, actor, critic, value_norm, *optimizers, buf, returns, advantages, phase)
-            merge(actor, critic)  # rollouts and evaluation use the merged weights
+            models = (actor, critic, value_norm, optimizers)
+            stats = update(args, phase, *models, buf, returns, advantages)
             torch.set_num_threads(1)
-            update_seconds = time.time() - update_start
-
-            values = value_norm.denormalize(buf.values[:, :-1])
-            stats["losses/explained_variance"] = (1 - (returns - values).var() / returns.var()).item()
             buf.roll()
+
+            stats["perf/rollout_s"] = update_start - rollout_start
+            stats["perf/update_s"] = time.time() - update_start
+            stats["perf/SPS_env"] = args.batch_size / env_seconds
             stats["charts/SPS"] = int((global_step - start_step) / (time.time() - start_time))
-            stats["charts/learning_rate"] = args.learning_rate
-            stats["charts/phase"] = {"ps": 0, "lora": 1, "nps": 2}[phase]
-            stats.update({"perf/rollout_s": rollout_seconds, "perf/update_s": update_seconds})
-            stats.update({"perf/SPS_env": args.batch_size / env_seconds, "perf/SPS_update": args.batch_size / update_seconds})
-            stats["lorasa/trainable_params"] = sum(p.numel() for group in actor_groups for p in group)
-            with torch.no_grad():  # how far each agent's weights moved from the shared ones: sum_l ||s B_i A_i||_F
-                adapted = [m for m in actor.modules() if getattr(m, "adapted", False)]
-                deltas = [m.scaling * torch.linalg.matrix_norm(torch.bmm(stack(m.lora_B), stack(m.lora_A))) for m in adapted]
-            for i, log_std in enumerate(actor.log_std_of().mean(-1).tolist()):
-                stats[f"lorasa/delta_norm/agent_{i}"] = sum(delta[i].item() for delta in deltas)
-                stats[f"lorasa/log_std/agent_{i}"] = log_std
-            if finished:
-                stats["charts/episodic_return"] = float(np.mean([r for r, _ in finished]))
-                stats["charts/episodic_length"] = float(np.mean([n for _, n in finished]))
-            for key, value in stats.items():
-                writer.add_scalar(key, value, global_step)
-            episodic = f"return {stats['charts/episodic_return']:9.2f}" if finished else "return       n/a"
-            times = f"rollout {rollout_seconds:.2f}s update {update_seconds:.2f}s"
-            print(f"iter {iteration}/{args.num_iterations} step {global_step} phase {phase} {episodic} | {times}", flush=True)
+            logged = (stats, finished, global_step)
+            log_iteration(writer, args, iteration, phase, actor, actor_groups, *logged)
             if iteration % args.eval_interval == 0 or iteration == args.num_iterations:
-                evaluate_and_save()
-        if stop:
+                log_evaluation(writer, args, actor, eval_envs, global_step)
+                last_checkpoint = save("checkpoint.pt") or last_checkpoint
+        if ctrl_c.pressed:
             save("checkpoint.pt")
-            print(f"interrupted: checkpoint of step {global_step} saved in {run_path}", file=sys.stderr)
+            print(f"interrupted: checkpoint of step {global_step} in {run_path}", file=sys.stderr)
     except FloatingPointError as error:
         last = last_checkpoint or "none (--no-save-model, or none written yet)"
-        print(f"error: training diverged at step {global_step} ({error}); the last good checkpoint is {last}", file=sys.stderr)
+        diverged = f"training diverged at step {global_step} ({error})"
+        print(f"error: {diverged}; the last good checkpoint is {last}", file=sys.stderr)
         sys.exit(3)
     except KeyboardInterrupt:
-        print(f"quit at step {global_step}; the last checkpoint in {run_path} is kept", file=sys.stderr)
+        print(f"quit at step {global_step}; the last checkpoint is kept", file=sys.stderr)
         sys.exit(130)
     finally:
         writer.close()
     envs.close()
     eval_envs.close()
-    sys.exit(130 if stop else 0)
+    sys.exit(130 if ctrl_c.pressed else 0)

@@ -1,46 +1,31 @@
 # ==== 1. DOCSTRING ====
-"""A2PO + LoRASA on StarCraft: SMAC maps and SMACv2 tasks on StarCraft II, or JaxMARL's SMAX, in one self-contained file.
+"""A2PO + LoRASA on StarCraft (SMAC, SMACv2 on StarCraft II; JaxMARL's SMAX), in one file.
 
-LoRASA (Zhang, Kapoor & Sun, "Low-Rank Agent-Specific Adaptation (LoRASA) for Multi-Agent Policy Learning", ICML 2025,
-arXiv 2502.05573) trains one recurrent policy shared by all agents (phase ps), then freezes it and trains per-agent
-low-rank adapters on every layer (phase lora): agent i acts with W_i = W0 + (alpha / r) B_i A_i. Reference code:
-github.com/ZBN111/ICML2025_LoRASA (a fork of github.com/xihuai18/A2PO-ICLR2023). docs/method.md: the method as
-implemented, each equation with its place in this file; docs/decisions.md: the deviations from the reference below.
-A2PO (Wang et al., "Order Matters: Agent-by-agent Policy Optimization", ICLR 2023, arXiv 2302.06205) updates the agents
-one at a time in a semi-greedy order, multiplies each agent's ratio by the clipped product of the other agents' ratios,
-adapts the clip to the position and re-estimates the advantages with truncated importance traces (docs/method.md §11).
-The defaults are the reference's SMAC A2PO: the ppo loop (epochs outside, agents inside, a new order every epoch), the
-retrace trace, no two-stage critic. Everything but the update rule, its arguments and its trace functions is
-mappo_lorasa_smac.py.
+LoRASA (Zhang, Kapoor & Sun, ICML 2025, arXiv 2502.05573) trains one recurrent policy shared by all
+agents (phase ps), then freezes it and trains low-rank adapters per agent on every layer (phase
+lora): agent i acts with W_i = W0 + (alpha / r) B_i A_i. One run does both phases. A2PO (Wang et
+al., ICLR 2023, arXiv 2302.06205) updates the agents one at a time, in a semi-greedy order, on
+advantages re-traced with the ratios of the agents updated before (docs/method.md §11).
 
-Usage (one run does both phases; the switch is at --lora-start env steps, by default a quarter of the run):
-    python a2po_lorasa_smac.py --rank 8 --map 3s5z          # StarCraft II if installed, else SMAX (said at start)
-    python a2po_lorasa_smac.py --map protoss_5_vs_5 --env-backend sc2        # a SMACv2 task (StarCraft II only)
-    python a2po_lorasa_smac.py --checkpoint runs/<run>/ps_checkpoint.pt      # lora fine-tuning of a ps policy
-SMAX is another simulator: its results are SMAX results (runs are named smax-<map>), never SMAC results. StarCraft II
-is not bit-reproducible. Tested with torch 2.13.0, jax 0.10.2, jaxmarl 0.2.0, tyro 1.0.17, Python 3.11; smac and
-smacv2 at the commits of requirements-sc2.txt (against a stand-in of their API: no StarCraft II on the test machines).
+    python a2po_lorasa_smac.py --map 3s5z  # StarCraft II if installed, else SMAX (said at start)
+    python a2po_lorasa_smac.py --checkpoint runs/<run>/ps_checkpoint.pt  # lora from ps
 
-Deviations from the reference (docs/decisions.md), each commented where it happens:
-  FIX 2 symmetric Huber loss; 3 self-contained checkpoints, both phases in one run; 4 value normalisers checkpointed;
-  5 per-agent parameter groups by construction; 6 the critic's own learning rate; 7 the command line wins; 8 phase lora
-  freezes every shared actor parameter; 9 one GRU cell, explicit merge(); 11 per-agent logged losses; 26 the critic
-  optimiser and value normalisers continue across the switch; 29 paired seeds. SIMPLIFY 17 A, B adapters everywhere.
-  KEEP 16 adapter init A = 0, B random; 18 agent biases untrained; 25 one value normaliser per agent; 28 timeouts are
-  terminal (--bootstrap-timeouts). 31 the critic's input (--state-mode) replaces the reference's agent-specific
-  feature-pruned state, which neither StarCraft package provides. A2PO: FIX 10 the other agents' ratios under no_grad;
-  KEEP 13 the ppo loop gives every agent the first position's clip; 14 the ppo loop multiplies over every other agent;
-  15 the retrace trace applies lambda twice; 23 trace ratios one step at a time from the stored hidden states; 24 order
-  score |A / V| with normalised V; 30 the critic fits the traced returns, loss / n.
+SMAX is another simulator: its runs are named smax-<map> and are not SMAC results. docs/method.md
+maps each equation to its function here; docs/decisions.md explains each deviation from the
+reference code (github.com/ZBN111/ICML2025_LoRASA), cited in comments as FIX/KEEP n.
+Jump to: LoRALinear, start_phase, CategoricalActor (action masks), update (the order loop).
 """
 
 # ==== 2. IMPORTS ====
+import argparse
+import atexit
 import contextlib
 import dataclasses
 import functools
 import importlib.metadata
 import importlib.util
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -60,80 +45,74 @@ import torch.nn.functional as F
 import tyro
 
 # ==== 3. ARGS ====
-LayerName = Literal["fc1", "fc2a", "fc2b", "gru_x", "gru_h", "fc_post", "head"]  # the 7 adaptable layers, method §2
-LAYER_NAMES = get_args(LayerName)
+LayerName = Literal["fc1", "fc2a", "fc2b", "gru_x", "gru_h", "fc_post", "head"]  # method §2
 
 
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # name of this experiment (part of the run name)
-    seed: int = 1  # seed of random, numpy, torch, the adapters and the envs (docs/method.md §8)
-    cuda: bool = False  # run the networks on CUDA (64-unit networks are latency-bound: the CPU is usually faster)
-    threads: int = 1  # torch threads in the update (rollouts use 1); 1 lets several runs share a machine
-    run_dir: str = "runs"  # parent of the run folders (TensorBoard events and checkpoints)
-    save_model: bool = True  # checkpoints at every evaluation, at the end, on Ctrl-C and at the switch
-    checkpoint: Optional[str] = None  # start from this checkpoint.pt (a PS checkpoint: LoRA fine-tuning at once)
-    resume: bool = False  # with --checkpoint: continue that run (its folder, arguments, step count, optimisers, RNG)
-    eval_only: bool = False  # with --checkpoint: evaluate its policy on its task, print the result, write nothing
+    exp_name: str = os.path.basename(__file__)[:-3]  # the experiment's name (in run names)
+    seed: int = 1  # seed of random, numpy, torch, the adapters and the envs
+    cuda: bool = False  # run the networks on CUDA (small networks: the CPU is usually faster)
+    threads: int = 1  # torch threads in the update (rollouts use 1); 1 lets runs share a machine
+    run_dir: str = "runs"  # parent of the run folders (TensorBoard events, checkpoints)
+    save_model: bool = True  # checkpoints at every evaluation, the switch, the end and Ctrl-C
+    checkpoint: Optional[str] = None  # start from this checkpoint.pt (ps checkpoint: lora at once)
+    resume: bool = False  # with --checkpoint: continue that run (folder, steps, optimisers, RNG)
+    eval_only: bool = False  # with --checkpoint: evaluate its policy, print, write nothing
 
-    total_timesteps: Optional[int] = None  # env step at which training ends (default 12M; --resume: the checkpoint's)
-    num_envs: Optional[int] = None  # parallel training envs (default per task, TASK_DEFAULTS)
-    num_steps: Optional[int] = None  # rollout length per env and iteration (default per task)
-    learning_rate: Optional[float] = None  # actor Adam learning rate (default per task; the adapters in phase lora)
-    critic_learning_rate: Optional[float] = None  # critic Adam learning rate (default per task)
-    update_epochs: Optional[int] = None  # PPO epochs per iteration (default per task)
-    num_minibatches: int = 1  # minibatches per epoch (reference: 1, one step per epoch on the whole batch)
+    total_timesteps: int = 12_000_000  # env steps of the whole run (--resume: may extend it)
+    num_envs: int = 10  # parallel training envs
+    num_steps: int = 320  # rollout steps per env and iteration
+    learning_rate: float = 5e-4  # actor Adam learning rate (the adapters' in phase lora)
+    critic_learning_rate: float = 5e-4  # critic Adam learning rate
+    update_epochs: int = 5  # PPO epochs per iteration
+    num_minibatches: int = 1  # minibatches per epoch (reference: 1)
     data_chunk_length: int = 10  # length of the recurrent training chunks
     gamma: float = 0.99  # discount factor
-    gae_lambda: Optional[float] = None  # GAE lambda (default per task)
+    gae_lambda: float = 0.95  # GAE lambda
     clip_coef: float = 0.2  # PPO ratio clip
     value_clip_coef: float = 0.2  # value clip around the rollout's value
-    ent_coef: Optional[float] = None  # entropy coefficient (default per task)
+    ent_coef: float = 0.01  # entropy coefficient
     vf_coef: float = 1.0  # value loss coefficient
-    max_grad_norm: float = 10.0  # gradient-norm clip (per agent group in phase lora and in nps mode)
+    max_grad_norm: float = 10.0  # gradient-norm clip (per agent in phase lora and nps)
     huber_delta: float = 10.0  # delta of the Huber value loss
     adam_eps: float = 1e-5  # Adam epsilon
     hidden_size: int = 64  # width of every hidden layer
-    eval_interval: int = 50  # evaluate and save every this many iterations, before the first and after the last
-    eval_episodes: Optional[int] = None  # greedy evaluation episodes (default per task)
-    bootstrap_timeouts: bool = False  # bootstrap episode timeouts from the final state (KEEP 28: off, they end episodes)
+    eval_interval: int = 50  # evaluate and save every this many iterations (and first and last)
+    eval_episodes: int = 32  # greedy evaluation episodes
+    bootstrap_timeouts: bool = False  # bootstrap timeouts from the final state (KEEP 28: off)
 
-    share_mode: Literal["ps", "lorasa", "nps"] = "lorasa"  # lorasa: ps until --lora-start, then per-agent adapters
+    share_mode: Literal["ps", "lorasa", "nps"] = "lorasa"  # lorasa: ps, then adapters per agent
     rank: int = 8  # adapter rank r
-    lora_alpha: Optional[float] = None  # adapters are scaled by alpha / r (default alpha = rank)
-    lora_layers: Tuple[LayerName, ...] = LAYER_NAMES  # adapted layers (placement ablation)
-    lora_start: Optional[int] = None  # env step of the phase switch (default total_timesteps // 4)
-    lora_init: Literal["reference", "standard"] = "reference"  # A = 0, B random (KEEP 16) | A random, B = 0
-    train_agent_bias: bool = False  # also train the per-agent adapter biases (KEEP 18)
+    lora_alpha: Optional[float] = None  # adapters are scaled by alpha / r (default: alpha = rank)
+    lora_layers: Tuple[LayerName, ...] = get_args(LayerName)  # adapted layers (placement ablation)
+    lora_start: Optional[int] = None  # env step of the switch (default: total_timesteps // 4)
+    lora_init: Literal["reference", "standard"] = "reference"  # A = 0 (KEEP 16) or B = 0
+    train_agent_bias: bool = False  # also train the adapters' per-agent biases (KEEP 18)
 
-    map: str = "3s5z"  # a SMAC map (3s5z, MMM2, corridor, ...), a SMACv2 task (protoss_5_vs_5, ...) or a SMAX map
-    env_backend: Literal["auto", "sc2", "smax"] = "auto"  # auto: StarCraft II if installed with the map's package, else SMAX
-    state_mode: Literal["ep_obs_id", "ep_id"] = "ep_obs_id"  # critic input: [state, obs_i, one-hot(i)] or [state, one-hot(i)]
+    map: str = "3s5z"  # a SMAC map (3s5z, MMM2, ...), SMACv2 task (protoss_5_vs_5, ...) or SMAX map
+    env_backend: Literal["auto", "sc2", "smax"] = "auto"  # auto: StarCraft II if there, else SMAX
+    state_mode: Literal["ep_obs_id", "ep_id"] = "ep_obs_id"  # critic input (decision 31)
     death_masking: bool = True  # a dead agent's critic input is zero but for its id
 
-    a2po_loop: Literal["agent", "ppo"] = "ppo"  # agent: each agent runs all its epochs in turn; ppo: epochs outside
-    a2po_order: Literal["semi_greedy", "random", "cyclic", "greedy"] = "semi_greedy"  # agent order (cyclic: 0 ... n-1)
-    a2po_clip_schedule: Literal["reference", "position"] = "reference"  # reference: KEEP 13 in the ppo loop
-    a2po_others: Literal["reference", "preceding"] = "reference"  # reference: KEEP 14 in the ppo loop
-    others_clip_coef: float = 0.1  # clip eps_o of the other agents' ratio product (clipped as a whole)
+    # the reference's SMAC A2PO: the ppo loop, the retrace trace, no two-stage critic
+    a2po_loop: Literal["agent", "ppo"] = "ppo"  # agent: turns run all epochs; ppo: epochs outside
+    a2po_order: Literal["semi_greedy", "random", "cyclic", "greedy"] = "semi_greedy"  # agent order
+    a2po_clip_schedule: Literal["reference", "position"] = "reference"  # KEEP 13 in the ppo loop
+    a2po_others: Literal["reference", "preceding"] = "reference"  # KEEP 14 in the ppo loop
+    others_clip_coef: float = 0.1  # clip eps_o of the other agents' ratio product (as a whole)
     clip_tuner_weight: float = 0.5  # w of the clip schedule eps_k = eps (w k / n + 1 - w)
-    trace_variant: Literal["retrace", "speedup"] = "retrace"  # retrace: per-step truncated ratios (the reference's on SMAC)
+    trace_variant: Literal["retrace", "speedup"] = "retrace"  # advantage trace (docs/method.md §11)
     trace_clip: float = 1.0  # truncation c of the ratios in the retrace trace
-    trace_lambda_squared: bool = True  # KEEP 15: the retrace trace decays with gamma lambda^2 (off: Retrace-GAE)
+    trace_lambda_squared: bool = True  # KEEP 15: retrace decays by gamma lam^2 (off: gamma lam)
     two_stage: bool = False  # per agent and epoch, a critic-only pass over its minibatches first
-    approx_trace: bool = True  # the critic regresses onto the traced returns (KEEP 30; off: the GAE returns)
+    approx_trace: bool = True  # the critic fits the traced returns (KEEP 30; off: the GAE returns)
 
 
-# The reference's settings (docs/method.md §10) for every map and where a map differs; the command line wins.
-SUITE_DEFAULTS = dict(num_envs=10, num_steps=320, update_epochs=5, gae_lambda=0.95, learning_rate=5e-4, ent_coef=0.01,
-                      critic_learning_rate=5e-4, eval_episodes=32, total_timesteps=12_000_000)  # fmt: skip
+# Where the reference's settings for a map differ from the defaults above (docs/method.md §10).
+# They apply when the map is on the command line; flags given there still win.
 TASK_DEFAULTS = {"3s5z_vs_3s6z": dict(gae_lambda=0.90)}
-TASK_KEYS = ("map", "env_backend", "state_mode", "hidden_size")  # a checkpoint fits only its own task
-POSITIVE = (
-    "threads", "total_timesteps", "num_envs", "num_steps", "learning_rate", "critic_learning_rate", "update_epochs",
-    "num_minibatches", "data_chunk_length", "clip_coef", "value_clip_coef", "vf_coef", "max_grad_norm", "huber_delta",
-    "adam_eps", "hidden_size", "eval_interval", "eval_episodes", "rank", "lora_alpha",
-)  # fmt: skip
+TASK_KEYS = ("map", "env_backend", "state_mode", "hidden_size")  # must match to load
 
 
 def fail(message):
@@ -142,90 +121,188 @@ def fail(message):
     sys.exit(2)
 
 
+def task_defaults(argv):
+    """The TASK_DEFAULTS of the map named in argv (read before tyro, so --help shows them)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--map", default=Args.map)
+    task, _ = parser.parse_known_args(argv)
+    return TASK_DEFAULTS.get(task.map, {})
+
+
+def check(valid, key, args, accepted, problem="is invalid"):
+    """One line naming the flag, its value and the accepted ones, unless `valid`."""
+    if not valid:
+        flag = "--" + key.replace("_", "-")
+        fail(f"{flag} {getattr(args, key)} {problem}; accepted: {accepted}")
+
+
+POSITIVE = """threads total_timesteps num_envs num_steps learning_rate critic_learning_rate
+update_epochs num_minibatches data_chunk_length clip_coef value_clip_coef vf_coef max_grad_norm
+huber_delta adam_eps hidden_size eval_interval eval_episodes rank lora_alpha"""
+
+
 def finalize_args(args):
-    """Fill the per-task defaults the command line left unset, derive the sizes and check every value: one line naming
-    the value and the accepted ones for each problem, before any env or network is built."""
-    for key, value in {**SUITE_DEFAULTS, **TASK_DEFAULTS.get(args.map, {})}.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.lora_alpha = float(args.rank) if args.lora_alpha is None else args.lora_alpha
-    args.lora_start = args.total_timesteps // 4 if args.lora_start is None else args.lora_start
-    for key in POSITIVE:
-        if not getattr(args, key) > 0:
-            fail(f"--{key.replace('_', '-')} {getattr(args, key)} is invalid; accepted: > 0")
+    """Derive the sizes and check every value, one line for a bad one, before anything is built.
+    The backend and the map are checked by resolve_backend."""
+    if args.lora_alpha is None:
+        args.lora_alpha = float(args.rank)
+    if args.lora_start is None:
+        args.lora_start = args.total_timesteps // 4
+    for key in POSITIVE.split():
+        check(getattr(args, key) > 0, key, args, "> 0")
+    check(args.ent_coef >= 0, "ent_coef", args, ">= 0")
     for key in ("gamma", "gae_lambda"):
-        if not 0 < getattr(args, key) <= 1:
-            fail(f"--{key.replace('_', '-')} {getattr(args, key)} is invalid; accepted: 0 < value <= 1")
-    if not args.ent_coef >= 0:
-        fail(f"--ent-coef {args.ent_coef} is invalid; accepted: >= 0")
-    if args.num_steps % args.data_chunk_length:
-        fail(f"--num-steps {args.num_steps} is invalid; accepted: multiples of --data-chunk-length {args.data_chunk_length}")
+        check(0 < getattr(args, key) <= 1, key, args, "0 < value <= 1")
+    for key in ("others_clip_coef", "trace_clip"):
+        check(getattr(args, key) > 0, key, args, "> 0")
+    check(0 <= args.clip_tuner_weight <= 1, "clip_tuner_weight", args, "0 <= value <= 1")
+    chunk = f"multiples of --data-chunk-length {args.data_chunk_length}"
+    check(args.num_steps % args.data_chunk_length == 0, "num_steps", args, chunk)
     args.batch_size = args.num_envs * args.num_steps
     args.num_iterations = args.total_timesteps // args.batch_size
-    if args.num_iterations < 1:
-        fail(f"--total-timesteps {args.total_timesteps} is below one iteration; accepted: >= {args.batch_size}")
-    if args.num_minibatches > args.batch_size // args.data_chunk_length:
-        fail(f"--num-minibatches {args.num_minibatches} is invalid; accepted: <= {args.batch_size // args.data_chunk_length}")
-    if not 0 <= args.lora_start <= args.total_timesteps:
-        fail(f"--lora-start {args.lora_start} is invalid; accepted: 0 ... --total-timesteps ({args.total_timesteps})")
-    for key in ("others_clip_coef", "trace_clip"):
-        if not getattr(args, key) > 0:
-            fail(f"--{key.replace('_', '-')} {getattr(args, key)} is invalid; accepted: > 0")
-    if not 0 <= args.clip_tuner_weight <= 1:
-        fail(f"--clip-tuner-weight {args.clip_tuner_weight} is invalid; accepted: 0 ... 1")
+    below = "is below one iteration"
+    check(args.num_iterations >= 1, "total_timesteps", args, f">= {args.batch_size}", below)
+    chunks = args.batch_size // args.data_chunk_length
+    check(args.num_minibatches <= chunks, "num_minibatches", args, f"<= {chunks}")
+    span = f"0 ... --total-timesteps ({args.total_timesteps})"
+    check(0 <= args.lora_start <= args.total_timesteps, "lora_start", args, span)
     return args
 
 
 # ==== 4. ENVIRONMENT ====
-SMAC_MAPS = {  # SMAC map: (allies, enemies, episode limit), from smac's map registry
-    "3m": (3, 3, 60), "8m": (8, 8, 120), "25m": (25, 25, 150), "5m_vs_6m": (5, 6, 70), "8m_vs_9m": (8, 9, 120),
-    "10m_vs_11m": (10, 11, 150), "27m_vs_30m": (27, 30, 180), "MMM": (10, 10, 150), "MMM2": (10, 12, 180),
-    "2s3z": (5, 5, 120), "3s5z": (8, 8, 150), "3s5z_vs_3s6z": (8, 9, 170), "3s_vs_3z": (3, 3, 150), "3s_vs_4z": (3, 4, 200),
-    "3s_vs_5z": (3, 5, 250), "1c3s5z": (9, 9, 180), "2m_vs_1z": (2, 1, 150), "corridor": (6, 24, 400),
-    "6h_vs_8z": (6, 8, 150), "2s_vs_1sc": (2, 1, 300), "so_many_baneling": (7, 32, 100), "bane_vs_bane": (24, 24, 200),
-    "2c_vs_64zg": (2, 64, 400),
-}  # fmt: skip
-SMACV2_TASK = re.compile(r"(protoss|terran|zerg)_(\d+)_vs_(\d+)")  # e.g. zerg_10_vs_11: 10 allies, 11 enemies
-SMACV2_TEAMS = {  # the official SMACv2 capability configs: unit types, their weights, units that cannot make a team alone
+# SMAC map: its episode limit (smac's map registry)
+SMAC_MAPS = {
+    "3m": 60,
+    "8m": 120,
+    "25m": 150,
+    "5m_vs_6m": 70,
+    "8m_vs_9m": 120,
+    "10m_vs_11m": 150,
+    "27m_vs_30m": 180,
+    "MMM": 150,
+    "MMM2": 180,
+    "2s3z": 120,
+    "3s5z": 150,
+    "3s5z_vs_3s6z": 170,
+    "3s_vs_3z": 150,
+    "3s_vs_4z": 200,
+    "3s_vs_5z": 250,
+    "1c3s5z": 180,
+    "2m_vs_1z": 150,
+    "corridor": 400,
+    "6h_vs_8z": 150,
+    "2s_vs_1sc": 300,
+    "so_many_baneling": 100,
+    "bane_vs_bane": 200,
+    "2c_vs_64zg": 400,
+}
+# a SMACv2 task: race, allies, enemies, e.g. zerg_10_vs_11
+SMACV2_TASK = re.compile(r"(protoss|terran|zerg)_(\d+)_vs_(\d+)")
+# SMACv2's official configs: unit types, their weights, the types that cannot be a team alone
+SMACV2_TEAMS = {
     "protoss": (["stalker", "zealot", "colossus"], [0.45, 0.45, 0.1], []),
     "terran": (["marine", "marauder", "medivac"], [0.45, 0.45, 0.1], ["medivac"]),
     "zerg": (["zergling", "baneling", "hydralisk"], [0.45, 0.1, 0.45], ["baneling"]),
 }
-SMAX_MAPS = (  # the maps of jaxmarl 0.2.0's SMAX (its smacv2_* draw all six SMAX unit types: not SMACv2's tasks)
-    "3m", "2s3z", "25m", "3s5z", "8m", "5m_vs_6m", "10m_vs_11m", "27m_vs_30m", "3s5z_vs_3s6z", "3s_vs_5z", "6h_vs_8z",
-    "smacv2_5_units", "smacv2_10_units", "smacv2_20_units",
-)  # fmt: skip
+# jaxmarl 0.2.0's SMAX maps (its smacv2_* draw all six SMAX unit types: they are not SMACv2)
+SMAX_MAPS = (
+    "3m",
+    "2s3z",
+    "25m",
+    "3s5z",
+    "8m",
+    "5m_vs_6m",
+    "10m_vs_11m",
+    "27m_vs_30m",
+    "3s5z_vs_3s6z",
+    "3s_vs_5z",
+    "6h_vs_8z",
+    "smacv2_5_units",
+    "smacv2_10_units",
+    "smacv2_20_units",
+)
+
+
+# seconds pysc2 waits for a launched game's API port (its default 360), also its socket timeout
+# for every request: StarCraft II 4.10 opens the port within seconds, even ten games at once
+SC2_TIMEOUT = 90
+
+
+def find_sc2(sc2_path):
+    """The game pysc2 would launch, the newest Versions/Base<build>/SC2_x64, and why it cannot run
+    (None if it looks runnable: a Linux executable)."""
+    versions = os.path.join(sc2_path, "Versions")
+    names = os.listdir(versions) if os.path.isdir(versions) else []
+    builds = [int(name[4:]) for name in names if re.fullmatch(r"Base\d+", name)]
+    if not builds:
+        game = "no StarCraft II build (Versions/Base<build>/SC2_x64; 4.10 is Base75689)"
+        return None, f"{game} in {versions}; set $SC2PATH to the StarCraftII folder"
+    exe = os.path.join(versions, f"Base{max(builds):05d}", "SC2_x64")
+    if not os.path.isfile(exe):
+        return exe, f"{exe} is missing (an incomplete StarCraft II)"
+    if not os.access(exe, os.X_OK):
+        return exe, f"{exe} is not executable; fix: chmod +x {exe}"
+    with open(exe, "rb") as file:
+        elf = file.read(4) == b"\x7fELF"
+    return exe, None if elf else f"{exe} is not the game (not a Linux executable)"
+
+
+def launch_problem(error):
+    """The one line for a StarCraft II that did not start: `error` is a worker's RuntimeError
+    "<pysc2's exception type>: <message>" (StarCraft2.reset)."""
+    sc2_path = os.path.expanduser(os.environ.get("SC2PATH", "~/StarCraftII"))
+    exe, _ = find_sc2(sc2_path)
+    if not str(error).startswith("ConnectError"):
+        return f"StarCraft II did not start ({error}); see the README section 'StarCraft II'"
+    run = f"{exe} -listen 127.0.0.1 -port 5000 -dataDir {sc2_path}/"
+    why = "it exited at once or is not the game"
+    return f"{exe} did not open its API port within {SC2_TIMEOUT} s ({why}); run `{run}` to see why"
 
 
 def resolve_backend(args):
-    """Choose the backend and check what it needs, each problem in one line that names what is missing and the README
-    section that installs it; sets args.env_backend and args.task ("sc2-<map>", or "smax-<map>": never called SMAC)."""
+    """Choose the backend and check what it needs, one line for what is missing (README section
+    'StarCraft II' installs it); sets args.env_backend and args.task (sc2-<map> or smax-<map>)."""
     sc2_path = os.path.expanduser(os.environ.get("SC2PATH", "~/StarCraftII"))
     smacv2_task = SMACV2_TASK.fullmatch(args.map)
     package = "smacv2" if smacv2_task else "smac"
-    map_file = os.path.join(sc2_path, "Maps", "SMAC_Maps", "32x32_flat.SC2Map" if smacv2_task else f"{args.map}.SC2Map")
-    game = os.path.isdir(os.path.join(sc2_path, "Versions"))
+    # every SMACv2 task plays on the map 32x32_flat
+    map_name = "32x32_flat" if smacv2_task else args.map
+    map_file = os.path.join(sc2_path, "Maps", "SMAC_Maps", f"{map_name}.SC2Map")
+    # checked here what can be: pysc2 reports a broken game only after minutes, if at all
+    _, broken = find_sc2(sc2_path)
+    game = broken is None
     installed = importlib.util.find_spec(package) is not None
+    if args.env_backend == "auto" and not (game and installed):
+        why = f"the package {package} is not installed"
+        why = why if game else f"StarCraft II not found in $SC2PATH={sc2_path}: {broken}"
+        print(
+            f"env backend: smax, JaxMARL's SMAX, not SMAC ({why};"
+            " README 'StarCraft II' installs the real game)"
+        )
     if args.env_backend == "auto":
         args.env_backend = "sc2" if game and installed else "smax"
-        why = f"StarCraft II not found in $SC2PATH={sc2_path}" if not game else f"the package {package} is not installed"
-        if args.env_backend == "smax":
-            print(f"env backend: smax, JaxMARL's SMAX, not SMAC ({why}; README 'StarCraft II' installs the real game)")
     if args.env_backend == "smax" and args.map not in SMAX_MAPS:
-        fail(f"--map {args.map!r} is not a SMAX map (no substitute is used); accepted: {' '.join(SMAX_MAPS)}")
+        accepted = " ".join(SMAX_MAPS)
+        fail(f"--map {args.map!r} is not a SMAX map (no substitute is used); accepted: {accepted}")
     if args.env_backend == "sc2" and not smacv2_task and args.map not in SMAC_MAPS:
-        fail(f"--map {args.map!r} is unknown; accepted: {' '.join(SMAC_MAPS)} and SMACv2 tasks such as protoss_5_vs_5")
-    missing = [f"$SC2PATH/Versions ({sc2_path}/Versions)", f"the map file {map_file}", f"the package {package}"]
-    missing = [what for what, there in zip(missing, (game, os.path.isfile(map_file), installed)) if not there]
+        accepted = " ".join(SMAC_MAPS) + " and SMACv2 tasks such as protoss_5_vs_5"
+        fail(f"--map {args.map!r} is unknown; accepted: {accepted}")
+    needs = {
+        broken: game,
+        f"the map file {map_file} is missing": os.path.isfile(map_file),
+        f"the package {package} is not installed": installed,
+    }
+    missing = [what for what, there in needs.items() if not there]
     if args.env_backend == "sc2" and missing:
-        fail(f"--env-backend sc2: {missing[0]} is missing; see the README section 'StarCraft II'")
+        fail(f"--env-backend sc2: {missing[0]}; see the README section 'StarCraft II'")
+    # in the run name: SMAX is never called SMAC
     args.task = f"{args.env_backend}-{args.map}"
 
 
 def agent_inputs(obs, state, avail, state_mode, death_masking, xp):
-    """Each agent's inputs from one env's observation, with numpy or jax.numpy (xp): the actor's [obs_i, one-hot(i)];
-    the critic's by --state-mode, [state, obs_i, one-hot(i)] or [state, one-hot(i)], zero but for the id of a dead agent
-    with --death-masking (docs/method.md §9); dead <=> only the no-op is available."""
+    """One env's inputs per agent, with numpy or jax.numpy (xp): the actor's [obs_i, one-hot(i)];
+    the critic's [state, obs_i, one-hot(i)] or [state, one-hot(i)] (--state-mode, decision 31),
+    zero but for the id while the agent is dead (--death-masking): only its no-op is available."""
     n_agents = obs.shape[0]
     ids = xp.eye(n_agents, dtype=xp.float32)
     state = xp.broadcast_to(state, (n_agents, state.shape[-1]))
@@ -233,57 +310,83 @@ def agent_inputs(obs, state, avail, state_mode, death_masking, xp):
     if death_masking:
         critic_input = critic_input * (avail[:, :1] == 0)
     critic_input = xp.concatenate([critic_input, ids], axis=1).astype(xp.float32)
-    return dict(obs=xp.concatenate([obs, ids], axis=1).astype(xp.float32), state=critic_input, avail=avail)
+    actor_input = xp.concatenate([obs, ids], axis=1).astype(xp.float32)
+    return dict(obs=actor_input, state=critic_input, avail=avail)
 
 
 class StarCraft2(gym.Env):
-    """One StarCraft II env of `smac` (SMAC maps) or of `smacv2` (capability tasks), as a gymnasium.Env for gymnasium's
-    vector envs: observation {"obs": (N, obs_dim), "state": (N, state_dim), "avail": (N, n_actions)} (agent_inputs);
-    step -> the team reward, terminated (the battle ended, or StarCraft II restarted), truncated (the episode limit),
-    {"won": battle_won}."""
+    """One StarCraft II env of `smac` (SMAC maps) or `smacv2` (its tasks) as a gymnasium.Env:
+    observation {"obs", "state", "avail"} as agent_inputs, (N, ...) float32; step -> the team
+    reward, terminated (the battle ended, or StarCraft II restarted), truncated (the episode
+    limit), {"won": the battle was won}."""
 
     def __init__(self, map_name, seed, state_mode, death_masking):
         smacv2_task = SMACV2_TASK.fullmatch(map_name)
-        # continuing_episode=True only adds info["episode_limit"] at a timeout: truncated, told from a lost battle
+        # continuing_episode=True adds info["episode_limit"] at a timeout: told from a lost battle
         options = dict(seed=seed, continuing_episode=True)
-        if smacv2_task:  # import only the package the map needs: both installed can clash on map registration
+        # import only the package the map needs: the two clash on map registration
+        if smacv2_task:
             from smacv2.env import StarCraftCapabilityEnvWrapper
 
-            race, allies, enemies = smacv2_task.group(1), int(smacv2_task.group(2)), int(smacv2_task.group(3))
+            race, allies, enemies = smacv2_task.groups()
             units, weights, exceptions = SMACV2_TEAMS[race]
-            team = dict(dist_type="weighted_teams", unit_types=units, weights=weights, exception_unit_types=exceptions)
+            team = dict(dist_type="weighted_teams", unit_types=units, weights=weights)
+            team.update(exception_unit_types=exceptions, observe=True)
             start = dict(dist_type="surrounded_and_reflect", p=0.5, map_x=32, map_y=32)
-            config = dict(n_units=allies, n_enemies=enemies, team_gen=dict(team, observe=True), start_positions=start)
-            options.update(conic_fov=False, use_unit_ranges=True, min_attack_range=2, obs_own_pos=True)
-            self.env = StarCraftCapabilityEnvWrapper(capability_config=config, map_name=f"10gen_{race}", **options)
+            config = dict(n_units=int(allies), n_enemies=int(enemies), team_gen=team)
+            config.update(start_positions=start)
+            options.update(conic_fov=False, use_unit_ranges=True, min_attack_range=2)
+            options.update(obs_own_pos=True, map_name=f"10gen_{race}")
+            self.env = StarCraftCapabilityEnvWrapper(capability_config=config, **options)
         else:
             from smac.env import StarCraft2Env
 
-            self.env = StarCraft2Env(map_name=map_name, obs_last_action=True, **options)  # the reference's obs
+            # obs_last_action: the allies' last actions, as the reference (SIMPLIFY 32)
+            self.env = StarCraft2Env(map_name=map_name, obs_last_action=True, **options)
+        from absl import flags
+        from absl import logging as absl_logging
+
+        # the stand-in of the tests defines no pysc2 flags
+        if "sc2_timeout" in flags.FLAGS:
+            flags.FLAGS.sc2_timeout = SC2_TIMEOUT
+        # pysc2's warnings of a failed launch: the main process says it in one line (make_envs)
+        absl_logging.set_verbosity(absl_logging.FATAL)
+        # a step since the last reset: the first reset() launches the game
+        self.played = True
         self.modes = (state_mode, death_masking)
         info = self.env.get_env_info()
-        n_agents, n_actions = info["n_agents"], info["n_actions"]
-        zeros = [np.zeros((n_agents, info["obs_shape"])), np.zeros(info["state_shape"]), np.zeros((n_agents, n_actions))]
-        spaces = {
-            key: gym.spaces.Box(-np.inf, np.inf, value.shape) for key, value in agent_inputs(*zeros, *self.modes, np).items()
-        }
+        n, n_actions = info["n_agents"], info["n_actions"]
+        obs, state = np.zeros((n, info["obs_shape"])), np.zeros(info["state_shape"])
+        inputs = agent_inputs(obs, state, np.zeros((n, n_actions)), *self.modes, np)
+        spaces = {key: gym.spaces.Box(-np.inf, np.inf, x.shape) for key, x in inputs.items()}
         self.observation_space = gym.spaces.Dict(spaces)
-        self.action_space = gym.spaces.MultiDiscrete([n_actions] * n_agents)
+        self.action_space = gym.spaces.MultiDiscrete([n_actions] * n)
 
     def observe(self):
-        obs, state, avail = (
-            np.array(x, np.float32) for x in (self.env.get_obs(), self.env.get_state(), self.env.get_avail_actions())
-        )
+        obs, state = self.env.get_obs(), self.env.get_state()
+        avail = self.env.get_avail_actions()
+        obs, state, avail = (np.array(x, np.float32) for x in (obs, state, avail))
         return agent_inputs(obs, state, avail, *self.modes, np)
 
-    def reset(self, seed=None, options=None):  # StarCraft II is seeded once, at its launch
-        self.env.reset()  # SMACv2's wrapper returns None after retrying a failed reset: the observation is read here
+    def reset(self, seed=None, options=None):
+        # StarCraft II is seeded once, at its launch. No reset without a step since the last one:
+        # until a first episode ends, each reset relaunches the game and adds the enemies' health
+        # to smac's reward normaliser again (make_envs and evaluate both reset the eval env)
+        if self.played:
+            try:
+                self.env.reset()
+            except Exception as error:  # pysc2's types do not all survive gymnasium's re-raise
+                raise RuntimeError(f"{type(error).__name__}: {error}") from None
+        self.played = False
+        # SMACv2's wrapper returns None after retrying a failed reset: read from the env
         return self.observe(), {}
 
     def step(self, action):
+        self.played = True
         reward, terminated, info = self.env.step(action.tolist())
         timeout = bool(info.get("episode_limit", False))
-        won = bool(info.get("battle_won", False))  # after a StarCraft II restart step() returns (0, True, {}): a loss
+        # after a StarCraft II restart step() returns (0, True, {}): a loss
+        won = bool(info.get("battle_won", False))
         return self.observe(), float(reward), terminated and not timeout, timeout, {"won": won}
 
     def close(self):
@@ -291,9 +394,11 @@ class StarCraft2(gym.Env):
 
 
 def import_smax():
-    """Import JaxMARL's SMAX quietly: its import prints to the process's stdout (one of its modules resets sys.stdout, so
-    the redirect is at the file-descriptor level). XLA runs single-threaded, beside torch's one rollout thread (README)."""
-    os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    """Import JaxMARL's SMAX quietly: its import prints to the process's stdout (one of its modules
+    resets sys.stdout, so the redirect is of the file descriptor). XLA runs single-threaded,
+    beside torch's one rollout thread (docs/performance.md)."""
+    flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    os.environ.setdefault("XLA_FLAGS", flags)
     streams = (sys.stdout, sys.stderr)
     sys.stdout.flush()
     saved = os.dup(1)
@@ -307,32 +412,39 @@ def import_smax():
         os.dup2(saved, 1)
         os.close(saved)
         sys.stdout, sys.stderr = streams
-    jax.config.update("jax_cpu_enable_async_dispatch", False)  # the env step runs in this thread: no hand-over (README)
+    # the env steps in this thread: no hand-over to a dispatch thread (docs/performance.md)
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
     return jax, jnp, smax
 
 
 @functools.lru_cache(maxsize=None)
 def smax_functions(map_name, state_mode, death_masking):
-    """JaxMARL's SMAX behind SMAC's API and action layout (docs/method.md §9): a map's jitted, vmapped reset, step and
-    masked reset, built once so that envs of the same size share their compilation."""
+    """JaxMARL's SMAX behind SMAC's API and action layout (docs/method.md §9): a map's jitted,
+    vmapped reset, step and masked select, built once so that the envs of one map share them."""
     jax, jnp, smax = import_smax()
-    limit = SMAC_MAPS.get(map_name, (0, 0, 200))[2]  # SMAC's episode limit (200 as SMACv2's for the smacv2_* maps)
-    # SMAX ends an episode one step after `max_steps` (it tests the step count before counting the step): limit - 1
-    env = smax.HeuristicEnemySMAX(scenario=smax.map_name_to_scenario(map_name), max_steps=limit - 1)
+    # SMAC's episode limit, SMACv2's 200 for the smacv2_* maps
+    limit = SMAC_MAPS.get(map_name, 200)
+    # SMAX ends an episode one step after max_steps (it tests the count before counting the step)
+    scenario = smax.map_name_to_scenario(map_name)
+    env = smax.HeuristicEnemySMAX(scenario=scenario, max_steps=limit - 1)
     n = env.num_allies
-    to_smax = jnp.array([4, 4, 0, 2, 1, 3] + [5 + k for k in range(env.num_enemies)])  # SMAC action -> SMAX action
+    # SMAC's actions [no-op, stop, N, S, E, W, attack k] as SMAX's [N, E, S, W, stop, attack k]
+    to_smax = jnp.array([4, 4, 0, 2, 1, 3] + [5 + k for k in range(env.num_enemies)])
 
     def observe(state, obs):
         alive = state.state.unit_alive[:n, None]
-        avail = jnp.stack([env.get_avail_actions(state)[agent] for agent in env.agents])  # [N, E, S, W, stop, attack]
-        avail = jnp.concatenate([~alive, alive, avail[:, jnp.array([0, 2, 1, 3])], avail[:, 5:]], axis=1)  # SMAC's layout
+        avail = jnp.stack([env.get_avail_actions(state)[agent] for agent in env.agents])
+        moves = avail[:, jnp.array([0, 2, 1, 3])]
+        avail = jnp.concatenate([~alive, alive, moves, avail[:, 5:]], axis=1)
         agents_obs = jnp.stack([obs[agent] for agent in env.agents])
-        return agent_inputs(agents_obs, obs["world_state"], avail.astype(jnp.float32), state_mode, death_masking, jnp)
+        avail, state = avail.astype(jnp.float32), obs["world_state"]
+        return agent_inputs(agents_obs, state, avail, state_mode, death_masking, jnp)
 
     def reset(key):
         key, reset_key = jax.random.split(key)
         obs, state = env.reset(reset_key)
-        state = jax.tree.map(lambda x: jnp.asarray(x, dtype=x.dtype), state)  # no weak types: one compilation
+        # no weak types: one compilation of step
+        state = jax.tree.map(lambda x: jnp.asarray(x, dtype=x.dtype), state)
         return key, state, observe(state, obs)
 
     def step(key, state, actions):
@@ -340,197 +452,265 @@ def smax_functions(map_name, state_mode, death_masking):
         smax_actions = {agent: to_smax[actions[i]] for i, agent in enumerate(env.agents)}
         obs, state, rewards, dones, _ = env.step_env(step_key, state, smax_actions)
         alive = state.state.unit_alive
-        won = ~alive[n:].any() & alive[:n].any()  # SMAX's info is empty: the win comes from the post-step state
+        # SMAX's info is empty: the win comes from the state after the step
+        won = ~alive[n:].any() & alive[:n].any()
         terminated = ~alive[n:].any() | ~alive[:n].any()
         truncated = dones["__all__"] & ~terminated  # the episode limit
-        return key, state, observe(state, obs), rewards[env.agents[0]], terminated, truncated, won
+        reward = rewards[env.agents[0]]  # the team reward
+        return key, state, observe(state, obs), reward, terminated, truncated, won
 
     def select(mask, new, old):
-        return jax.tree.map(lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
+        def where(a, b):
+            return jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+
+        return jax.tree.map(where, new, old)
 
     return jax, jax.jit(jax.vmap(reset)), jax.jit(jax.vmap(step)), jax.jit(select)
 
 
 class SMAXEnvs:
-    """JaxMARL's SMAX for all envs at once (smax_functions), with the calls of gymnasium's vector envs without autoreset:
-    finished envs are reset on request (reset_mask). Observations as StarCraft2's, with SMAC's avail = [dead, alive, N,
-    S, E, W, attack enemy k ...]."""
+    """JaxMARL's SMAX, all envs in one call (smax_functions), used like gymnasium's vector envs
+    without autoreset: finished envs are reset on request (reset_mask). Observations as
+    StarCraft2's, avail in SMAC's layout [no-op, stop, N, S, E, W, attack enemy k ...]."""
 
     def __init__(self, map_name, num_envs, args):
-        self.jax, self.reset_all, self.step_all, self.select = smax_functions(map_name, args.state_mode, args.death_masking)
+        functions = smax_functions(map_name, args.state_mode, args.death_masking)
+        self.jax, self.reset_all, self.step_all, self.select = functions
         self.num_envs = num_envs
-        self.keys = self.jax.vmap(self.jax.random.PRNGKey)(self.jax.numpy.arange(num_envs))
-        self.keys, self.states, self.observation = self.reset_all(self.keys)
+        self.reset(seed=list(range(num_envs)))
         shapes = {key: value.shape[1:] for key, value in self.observation.items()}
-        self.single_observation_space = gym.spaces.Dict(
-            {key: gym.spaces.Box(-np.inf, np.inf, shape) for key, shape in shapes.items()}
-        )
+        spaces = {key: gym.spaces.Box(-np.inf, np.inf, shape) for key, shape in shapes.items()}
+        self.single_observation_space = gym.spaces.Dict(spaces)
 
     def reset(self, seed=None, options=None):
         if seed is not None:
             self.keys = self.jax.vmap(self.jax.random.PRNGKey)(self.jax.numpy.asarray(seed))
-        keys, states, observation = self.reset_all(self.keys)
+        new = self.reset_all(self.keys)
         mask = (options or {}).get("reset_mask")
-        if mask is None:
-            self.keys, self.states, self.observation = keys, states, observation
-        else:
-            self.keys, self.states, self.observation = self.select(
-                mask, (keys, states, observation), (self.keys, self.states, self.observation)
-            )
+        if mask is not None:  # reset only these envs
+            new = self.select(mask, new, (self.keys, self.states, self.observation))
+        self.keys, self.states, self.observation = new
         return {key: np.array(value) for key, value in self.observation.items()}, {}
 
     def step(self, actions):
-        self.keys, self.states, self.observation, reward, terminated, truncated, won = self.step_all(
-            self.keys, self.states, actions
-        )
-        observation = {key: np.array(value) for key, value in self.observation.items()}  # writable copies
-        return observation, np.array(reward), np.array(terminated), np.array(truncated), {"won": np.array(won)}
+        out = self.step_all(self.keys, self.states, actions)
+        self.keys, self.states, self.observation, reward, terminated, truncated, won = out
+        # writable copies
+        obs = {key: np.array(value) for key, value in self.observation.items()}
+        info = {"won": np.array(won)}
+        return obs, np.array(reward), np.array(terminated), np.array(truncated), info
 
     def close(self):
         pass
 
 
+def make_worker_env(args, seed):
+    """A StarCraft II env for an AsyncVectorEnv worker process, which leaves Ctrl-C to the main
+    process: a terminal sends SIGINT to every process of the group, and the main one saves."""
+    if multiprocessing.parent_process() is not None:  # not the vector env's probe in this process
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return StarCraft2(args.map, seed, args.state_mode, args.death_masking)
+
+
 def make_envs(args, seeds):
-    """sc2: one StarCraft II env per seed, each in its own process (gymnasium's AsyncVectorEnv without autoreset, as the
-    reference's subprocess envs); smax: all envs in one jitted call. The envs and their first observation."""
+    """sc2: one StarCraft II per seed, each in its own process (gymnasium's AsyncVectorEnv without
+    autoreset, as the reference's subprocess envs); smax: all envs in one jitted call. Returns
+    the envs and their first observation; a game that did not start: one line, exit 2."""
     if args.env_backend == "smax":
         envs = SMAXEnvs(args.map, len(seeds), args)
-    else:
-        make_env = [functools.partial(StarCraft2, args.map, seed, args.state_mode, args.death_masking) for seed in seeds]
-        envs = gym.vector.AsyncVectorEnv(make_env, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
-    return envs, envs.reset(seed=seeds)[0]
+        return envs, envs.reset(seed=seeds)[0]
+    make = [functools.partial(make_worker_env, args, seed) for seed in seeds]
+    envs = gym.vector.AsyncVectorEnv(make, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+    # at any exit, fail() included, each worker closes its game (a terminated one would not)
+    atexit.register(envs.close)
+    try:
+        with warnings.catch_warnings():
+            # gymnasium repeats a failed worker's traceback as a warning: one line says it all
+            warnings.simplefilter("ignore")
+            return envs, envs.reset(seed=seeds)[0]
+    except RuntimeError as error:  # StarCraft2.reset's, the game did not start
+        fail(launch_problem(error))
 
 
 # ==== 5. LAYERS ====
 def stack(params, agents=None):
-    """Per-agent leaf tensors stacked along a leading agent axis (all agents, or the listed ones)."""
-    return torch.stack(list(params) if agents is None else [params[i] for i in agents])
+    """Per-agent tensors of a ParameterList stacked on a leading agent axis (all, or `agents`)."""
+    return torch.stack([params[i] for i in (range(len(params)) if agents is None else agents)])
+
+
+def agent_linear(x, weight, bias):
+    """x (n, ..., in) times one shared weight (out, in), bias (out,), or times each agent's own
+    weight (n, out, in), bias (n, 1, out): all agents in one batched matmul."""
+    if weight.dim() == 2:
+        return F.linear(x, weight, bias)
+    y = torch.baddbmm(bias, x.flatten(1, -2), weight.mT)
+    return y.view(*x.shape[:-1], weight.shape[1])
 
 
 class LoRALinear(nn.Module):
-    """Multi-agent linear layer (docs/method.md §3): y_i = x (W0 + s B_i A_i)^T + b0 + beta_i, A_i (r x in), B_i (out x r),
-    s = alpha / r. Modes: ps (W0, b0), lorasa (+ adapters if rank > 0, counted once `lora_on`), nps (W_i, b_i per agent).
-    Per-agent tensors are separate leaves, each agent's optimiser and gradient clip see only its own (FIX 5)."""
+    """A linear layer shared by all agents plus one low-rank adapter per agent (docs/method.md §3):
+    y_i = x (W0 + s B_i A_i)^T + b0 + beta_i, A_i (r, in), B_i (out, r), s = alpha / r.
+    Before the switch (`lora_on` False) it is the shared layer alone; rank 0: never adapted.
+    Each agent's A_i, B_i, beta_i are tensors of their own, so that each agent's optimiser and
+    gradient clip see only its own (FIX 5)."""
 
-    def __init__(self, n_in, n_out, n_agents, mode, gain, rank=0, alpha=1.0, init="reference", generator=None):
+    def __init__(self, n_in, n_out, n_agents, gain, rank, alpha, init, generator):
         super().__init__()
-        self.mode = mode
-        self.adapted = mode == "lorasa" and rank > 0
-        self.lora_on = False
-        self.merged = None
-        if mode == "nps":  # orthogonal init: gain sqrt 2 for ReLU blocks, 0.01 for the action head, 1 otherwise
-            self.weight_i = nn.ParameterList([nn.init.orthogonal_(torch.empty(n_out, n_in), gain) for _ in range(n_agents)])
-            self.bias_i = nn.ParameterList([torch.zeros(n_out) for _ in range(n_agents)])
-            return
         self.weight = nn.Parameter(nn.init.orthogonal_(torch.empty(n_out, n_in), gain))
         self.bias = nn.Parameter(torch.zeros(n_out))
-        if self.adapted:
-            self.scaling = alpha / rank
-            self.lora_A = nn.ParameterList([torch.zeros(rank, n_in) for _ in range(n_agents)])
-            self.lora_B = nn.ParameterList([torch.zeros(n_out, rank) for _ in range(n_agents)])
-            # KEEP 16: the reference draws B (A = 0), the LoRA paper A (B = 0); from the adapters' own generator (FIX 29)
-            for tensor in self.lora_B if init == "reference" else self.lora_A:
-                nn.init.kaiming_uniform_(tensor, a=math.sqrt(5), generator=generator)
-            self.lora_bias = nn.ParameterList([torch.zeros(n_out) for _ in range(n_agents)])  # KEEP 18: untrained
+        self.rank = rank
+        self.scaling = alpha / max(rank, 1)
+        self.lora_on = False  # set by start_phase
+        self.merged = None  # set inside merged_weights()
+        agents = range(n_agents if rank else 0)
+        self.lora_A = nn.ParameterList([torch.zeros(rank, n_in) for _ in agents])
+        self.lora_B = nn.ParameterList([torch.zeros(n_out, rank) for _ in agents])
+        self.lora_bias = nn.ParameterList([torch.zeros(n_out) for _ in agents])  # KEEP 18
+        # KEEP 16: the reference draws B (A = 0), the LoRA paper A (B = 0): both start at dW = 0.
+        # Drawn from the adapters' own generator, so that a lorasa run equals the ps run of its
+        # seed until the switch (FIX 29).
+        for tensor in self.lora_B if init == "reference" else self.lora_A:
+            nn.init.kaiming_uniform_(tensor, a=math.sqrt(5), generator=generator)
 
     def weights(self, agents=None):
-        """(W, b): shared (out, in), (out,) or per agent (n, out, in), (n, 1, out); under torch.inference_mode (rollouts,
-        evaluation: all agents) the merged ones, computed once per update by merge_weights()."""
-        if self.merged is not None and torch.is_inference_mode_enabled():
-            return self.merged
-        if self.mode == "nps":
-            return stack(self.weight_i, agents), stack(self.bias_i, agents)[:, None]
-        if not (self.adapted and self.lora_on):
+        """The (W, b) the agents act with: the shared (out, in), (out,) before the switch; after it
+        W_i = W0 + s B_i A_i (n, out, in) and b_i = b0 + beta_i (n, 1, out), computed per call."""
+        if self.merged is not None:
+            return self.merged if agents is None else [w[agents] for w in self.merged]
+        if not self.lora_on:
             return self.weight, self.bias
-        delta = torch.bmm(stack(self.lora_B, agents), stack(self.lora_A, agents))  # B_i A_i, (n, out, in)
-        return self.weight + self.scaling * delta, (self.bias + stack(self.lora_bias, agents))[:, None]
+        delta = torch.bmm(stack(self.lora_B, agents), stack(self.lora_A, agents))
+        bias = self.bias + stack(self.lora_bias, agents)
+        return self.weight + self.scaling * delta, bias[:, None]
 
-    def merge_weights(self):
-        with torch.no_grad():  # W_i = W0 + s B_i A_i, b_i = b0 + beta_i
-            self.merged = tuple(tensor.detach() for tensor in self.weights())
+    def forward(self, x, agents=None):
+        return agent_linear(x, *self.weights(agents))
 
-    def forward(self, x, agents=None, weights=None):
-        weight, bias = self.weights(agents) if weights is None else weights
-        if weight.dim() == 2:  # one matrix shared by all agents
-            return F.linear(x, weight, bias)
-        return torch.baddbmm(bias, x.flatten(1, -2), weight.mT).view(*x.shape[:-1], weight.shape[1])  # one batched matmul
+
+class AgentLinear(nn.Module):
+    """One independent linear layer per agent, for the nps baseline: y_i = x W_i^T + b_i."""
+
+    def __init__(self, n_in, n_out, n_agents, gain):
+        super().__init__()
+        weights = [nn.init.orthogonal_(torch.empty(n_out, n_in), gain) for _ in range(n_agents)]
+        self.weight = nn.ParameterList(weights)
+        self.bias = nn.ParameterList([torch.zeros(n_out) for _ in range(n_agents)])
+        self.merged = None  # set inside merged_weights()
+
+    def weights(self, agents=None):
+        if self.merged is not None:
+            return self.merged if agents is None else [w[agents] for w in self.merged]
+        return stack(self.weight, agents), stack(self.bias, agents)[:, None]
+
+    def forward(self, x, agents=None):
+        return agent_linear(x, *self.weights(agents))
+
+
+class SharedLayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (never adapted, frozen in phase lora), called like the per-agent layers."""
+
+    def forward(self, x, agents=None):
+        return super().forward(x)
 
 
 class AgentLayerNorm(nn.Module):
-    """LayerNorm over the last dim, shared (ps, lorasa: never adapted, frozen in phase lora) or one per agent (nps)."""
+    """One LayerNorm per agent over the last dim, for the nps baseline."""
 
-    def __init__(self, dim, n_agents, per_agent):
+    def __init__(self, dim, n_agents):
         super().__init__()
-        self.per_agent = per_agent
-        self.merged = None
-        if per_agent:
-            self.weight_i = nn.ParameterList([torch.ones(dim) for _ in range(n_agents)])
-            self.bias_i = nn.ParameterList([torch.zeros(dim) for _ in range(n_agents)])
-        else:
-            self.weight = nn.Parameter(torch.ones(dim))
-            self.bias = nn.Parameter(torch.zeros(dim))
+        self.weight = nn.ParameterList([torch.ones(dim) for _ in range(n_agents)])
+        self.bias = nn.ParameterList([torch.zeros(dim) for _ in range(n_agents)])
+        self.merged = None  # set inside merged_weights()
 
-    def merge_weights(self):
-        with torch.no_grad():
-            self.merged = (stack(self.weight_i), stack(self.bias_i)) if self.per_agent else None
+    def weights(self, agents=None):
+        if self.merged is not None:
+            return self.merged if agents is None else [w[agents] for w in self.merged]
+        return stack(self.weight, agents), stack(self.bias, agents)
 
     def forward(self, x, agents=None):
-        if not self.per_agent:
-            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias)  # eps 1e-5, as nn.LayerNorm
-        if self.merged is not None and torch.is_inference_mode_enabled():  # all agents
-            weight, bias = self.merged
-        else:
-            weight, bias = stack(self.weight_i, agents), stack(self.bias_i, agents)
+        weight, bias = self.weights(agents)
         shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
         return F.layer_norm(x, x.shape[-1:]) * weight.view(shape) + bias.view(shape)
 
 
+@contextlib.contextmanager
+def merged_weights(*models):
+    """Inside the block every layer uses each agent's weights computed once on entry, not per
+    call: rollouts and evaluations call the policy once per env step with unchanged weights.
+    A parameter changed inside the block (its weights would be stale) raises on exit."""
+    kinds = (LoRALinear, AgentLinear, AgentLayerNorm)
+    layers = [m for model in models for m in model.modules() if isinstance(m, kinds)]
+    params = [p for model in models for p in model.parameters()]
+    versions = [p._version for p in params]  # PyTorch counts every in-place change of a tensor
+    with torch.no_grad():
+        for layer in layers:
+            layer.merged = [w.detach() for w in layer.weights()]
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.merged = None
+    if versions != [p._version for p in params]:
+        raise RuntimeError("parameters changed inside merged_weights(): stale weights were used")
+
+
 # ==== 6. ACTOR, CRITIC, VALUENORM ====
 class RecurrentNetwork(nn.Module):
-    """Feature LayerNorm -> fc1, fc2a, fc2b blocks (Linear-ReLU-LayerNorm) -> GRU -> LayerNorm -> fc_post block -> head
-    (docs/method.md §2), all agents at once; in lorasa mode the layers in --lora-layers get adapters from `generator`."""
+    """All agents at once (docs/method.md §2): feature LayerNorm -> fc1, fc2a, fc2b blocks
+    (Linear-ReLU-LayerNorm) -> GRU -> LayerNorm -> fc_post block -> head. nps: every layer per
+    agent; otherwise shared, with adapters from `generator` on the layers named in `adapted`."""
 
-    def __init__(self, n_in, n_out, n_agents, mode, args, head_gain, generator=None):
+    def __init__(self, n_in, n_out, n_agents, args, head_gain, nps, adapted, generator=None):
         super().__init__()
         hidden = args.hidden_size
-        per_agent = mode == "nps"
 
         def linear(name, n_in, n_out, gain):
-            rank = args.rank if mode == "lorasa" and name in args.lora_layers else 0
-            return LoRALinear(n_in, n_out, n_agents, mode, gain, rank, args.lora_alpha, args.lora_init, generator)
+            if nps:
+                return AgentLinear(n_in, n_out, n_agents, gain)
+            rank = args.rank if name in adapted else 0
+            init = args.lora_init
+            return LoRALinear(n_in, n_out, n_agents, gain, rank, args.lora_alpha, init, generator)
+
+        def norm(dim):
+            return AgentLayerNorm(dim, n_agents) if nps else SharedLayerNorm(dim)
 
         self.n_agents = n_agents
-        self.lora_on = False
-        self.feature_norm = AgentLayerNorm(n_in, n_agents, per_agent)
-        sizes = {"fc1": (n_in, hidden), "fc2a": (hidden, hidden), "fc2b": (hidden, hidden), "fc_post": (hidden, hidden)}
-        self.fcs = nn.ModuleDict({name: linear(name, *size, math.sqrt(2)) for name, size in sizes.items()})
-        self.norms = nn.ModuleDict({name: AgentLayerNorm(hidden, n_agents, per_agent) for name in sizes})
+        self.feature_norm = norm(n_in)
+        sizes = dict(fc1=(n_in, hidden), fc2a=(hidden, hidden), fc2b=(hidden, hidden))
+        sizes["fc_post"] = (hidden, hidden)
+        # gain sqrt 2 before a ReLU, 1 for the GRU, head_gain for the head (orthogonal init)
+        fcs = {name: linear(name, *size, math.sqrt(2)) for name, size in sizes.items()}
+        self.fcs = nn.ModuleDict(fcs)
+        self.norms = nn.ModuleDict({name: norm(hidden) for name in sizes})
         self.gru_x = linear("gru_x", hidden, 3 * hidden, 1.0)
         self.gru_h = linear("gru_h", hidden, 3 * hidden, 1.0)
-        self.gru_norm = AgentLayerNorm(hidden, n_agents, per_agent)
+        self.gru_norm = norm(hidden)
         self.head = linear("head", hidden, n_out, head_gain)
 
     def forward(self, x, h, masks, agents=None):
-        """x (n, T, B, in), h (n, B, H), masks (T, B) -> outputs (n, T, B, out), hidden after every step (n, T, B, H)."""
+        """x (n, T, B, in), h (n, B, H), masks (T, B) -> outputs (n, T, B, out), the hidden state
+        after every step (n, T, B, H); n = all agents or len(agents)."""
         x = self.feature_norm(x, agents)
         for name in ("fc1", "fc2a", "fc2b"):
             x = self.norms[name](F.relu(self.fcs[name](x, agents)), agents)
         hs = self.gru(x, h, masks, agents)
-        x = self.norms["fc_post"](F.relu(self.fcs["fc_post"](self.gru_norm(hs, agents), agents)), agents)
+        x = self.fcs["fc_post"](self.gru_norm(hs, agents), agents)
+        x = self.norms["fc_post"](F.relu(x), agents)
         return self.head(x, agents), hs
 
     def gru(self, x, h, masks, agents=None):
-        """`torch.nn.GRU`'s maths and gates [r, z, n] in both phases (FIX 9, docs/method.md §2): h <- h * mask, then
-        r, z = sig(gx_rz + gh_rz), n = tanh(gx_n + r gh_n), h' = (1 - z) n + z h with gx = Wx x + bx, gh = Wh h + bh.
-        x (n, T, B, H), h (n, B, H), masks (T, B) -> the hidden state after every step (n, T, B, H)."""
+        """torch.nn.GRU's equations, gates [r, z, n] (FIX 9): h <- h * mask_t, then
+        r, z = sig(gx_rz + gh_rz), n = tanh(gx_n + r gh_n), h' = (1 - z) n + z h,
+        gx = W_x x + b_x (all steps at once), gh = W_h h + b_h (one step at a time)."""
         hidden = h.shape[-1]
-        gx_rz, gx_n = self.gru_x(x, agents).split([2 * hidden, hidden], dim=-1)  # the input projection of all steps
-        weights = self.gru_h.weights(agents)  # built once per call, not per step
+        gx_rz, gx_n = self.gru_x(x, agents).split([2 * hidden, hidden], dim=-1)
+        weight, bias = self.gru_h.weights(agents)  # once per call, not once per step
         outputs = []
-        # unbind, not gx[:, t]: the backward of indexing fills a zero tensor the size of gx for every step
-        for gx_rz_t, gx_n_t, mask_t in zip(gx_rz.unbind(1), gx_n.unbind(1), masks[..., None]):
+        # unbind, not gx[:, t]: the backward of indexing allocates a gx-sized zero tensor per step
+        steps = zip(gx_rz.unbind(1), gx_n.unbind(1), masks[..., None])
+        for gx_rz_t, gx_n_t, mask_t in steps:
             h = h * mask_t
-            gh_rz, gh_n = self.gru_h(h, agents, weights).split([2 * hidden, hidden], dim=-1)
+            gh_rz, gh_n = agent_linear(h, weight, bias).split([2 * hidden, hidden], dim=-1)
             r, z = torch.sigmoid(gx_rz_t + gh_rz).chunk(2, dim=-1)
             n = torch.tanh(gx_n_t + r * gh_n)
             h = n + z * (h - n)  # = (1 - z) n + z h
@@ -539,26 +719,31 @@ class RecurrentNetwork(nn.Module):
 
 
 class CategoricalActor(RecurrentNetwork):
-    """Categorical policy over SMAC's actions (docs/method.md §4): logits = network(obs), the logits of unavailable
-    actions set to -1e10 in rollouts, training and evaluation, so an unavailable action is never sampled, its probability
-    is exactly 0 and it gets no gradient."""
+    """Categorical policy over SMAC's actions (docs/method.md §4): the logits of unavailable
+    actions are -1e10 in rollouts, training and evaluation, so an unavailable action is never
+    sampled, has probability 0 and gets no gradient."""
 
     def __init__(self, obs_dim, n_actions, n_agents, args):
-        generator = torch.Generator().manual_seed(args.seed)  # the adapters' own generator (FIX 29)
-        super().__init__(obs_dim, n_actions, n_agents, args.share_mode, args, 0.01, generator)
+        nps = args.share_mode == "nps"
+        adapted = args.lora_layers if args.share_mode == "lorasa" else ()
+        generator = torch.Generator().manual_seed(args.seed)  # the adapters' own (FIX 29)
+        super().__init__(obs_dim, n_actions, n_agents, args, 0.01, nps, adapted, generator)
+        self.nps = nps
 
     def forward(self, obs, h, masks, avail, agents=None):
-        """obs (n, T, B, obs_dim), avail (n, T, B, n_actions) -> masked logits (n, T, B, n_actions), the hidden state
-        after the last step (n, B, H)."""
+        """obs (n, T, B, obs_dim), avail (n, T, B, n_actions) -> masked logits (n, T, B,
+        n_actions), the hidden state after the last step (n, B, H)."""
         logits, hs = super().forward(obs, h, masks, agents)
         return logits.masked_fill(avail == 0, -1e10), hs[:, -1]
 
 
 class Critic(RecurrentNetwork):
-    """Centralised critic (§5), one for all agents (nps: one each), never adapted; it outputs normalised values (n, T, B)."""
+    """Centralised critic (docs/method.md §5): one for all agents (nps: one each), never
+    adapted. Outputs normalised values (n, T, B) and the hidden states."""
 
     def __init__(self, state_dim, n_agents, args):
-        super().__init__(state_dim, 1, n_agents, "nps" if args.share_mode == "nps" else "ps", args, 1.0)
+        nps = args.share_mode == "nps"
+        super().__init__(state_dim, 1, n_agents, args, 1.0, nps, adapted=())
 
     def forward(self, state, h, masks, agents=None):
         values, hs = super().forward(state, h, masks, agents)
@@ -566,29 +751,26 @@ class Critic(RecurrentNetwork):
 
 
 class ValueNorm(nn.Module):
-    """One running return normaliser per agent, agent axis first (docs/method.md §5, KEEP 25): running_mean <- beta
-    running_mean + (1 - beta) mean(R), running_mean_sq likewise with R^2, debiasing_term <- beta debiasing_term + 1 - beta;
-    mean = running_mean / d, var = max(running_mean_sq / d - mean^2, 1e-2), d = max(debiasing_term, 1e-5)."""
+    """One running normaliser of the returns per agent (docs/method.md §5, KEEP 25): exponential
+    averages (beta) of R, of R^2 and of 1 (the debiasing term d >= 1e-5) per agent;
+    mean = avg(R) / d, var = max(avg(R^2) / d - mean^2, 1e-2)."""
 
     def __init__(self, n_agents, beta=0.99999):
         super().__init__()
         self.beta = beta
-        self.register_buffer("running_mean", torch.zeros(n_agents, dtype=torch.float64))
-        self.register_buffer("running_mean_sq", torch.zeros(n_agents, dtype=torch.float64))
-        self.register_buffer("debiasing_term", torch.zeros(n_agents, dtype=torch.float64))
+        self.register_buffer("stats", torch.zeros(3, n_agents, dtype=torch.float64))
 
     def update(self, returns, agents=None):
-        index = slice(None) if agents is None else agents
-        returns = returns.detach().flatten(1).double()
-        self.running_mean[index] = self.beta * self.running_mean[index] + (1 - self.beta) * returns.mean(1)
-        self.running_mean_sq[index] = self.beta * self.running_mean_sq[index] + (1 - self.beta) * returns.pow(2).mean(1)
-        self.debiasing_term[index] = self.beta * self.debiasing_term[index] + (1 - self.beta)
+        """returns (n, ...) of all agents, or of `agents`."""
+        i = slice(None) if agents is None else agents
+        x = returns.detach().flatten(1).double()
+        batch = torch.stack([x.mean(1), x.pow(2).mean(1), torch.ones_like(x[:, 0])])
+        self.stats[:, i] = self.beta * self.stats[:, i] + (1 - self.beta) * batch
 
     def mean_std(self, x, agents):
-        index = slice(None) if agents is None else agents
-        debiasing_term = self.debiasing_term[index].clamp(min=1e-5)
-        mean = self.running_mean[index] / debiasing_term
-        var = (self.running_mean_sq[index] / debiasing_term - mean.pow(2)).clamp(min=1e-2)
+        mean, mean_sq, debias = self.stats[:, slice(None) if agents is None else agents]
+        mean = mean / debias.clamp(min=1e-5)
+        var = (mean_sq / debias.clamp(min=1e-5) - mean.pow(2)).clamp(min=1e-2)
         shape = (-1,) + (1,) * (x.dim() - 1)
         return mean.float().view(shape), var.sqrt().float().view(shape)
 
@@ -601,39 +783,43 @@ class ValueNorm(nn.Module):
         return x * std + mean
 
 
-def merge(*models):
-    """Precompute the per-agent weights that rollouts and evaluation use (under torch.inference_mode); after every update."""
-    for model in models:
-        for module in model.modules():
-            if hasattr(module, "merge_weights"):
-                module.merge_weights()
+def agent_parameters(actor, i, args):
+    """Agent i's own actor parameters: its adapters (lorasa) or its whole network (nps)."""
+    params = []
+    for module in actor.modules():
+        if isinstance(module, LoRALinear) and module.rank:
+            params += [module.lora_A[i], module.lora_B[i]]
+            params += [module.lora_bias[i]] if args.train_agent_bias else []  # KEEP 18
+        elif isinstance(module, (AgentLinear, AgentLayerNorm)):
+            params += [module.weight[i], module.bias[i]]
+    return params
 
 
 def start_phase(actor, phase, args):
-    """The actor parameters that train and their optimisers, fresh (docs/method.md §1). ps: the shared actor, one Adam;
-    lora: every shared actor parameter frozen (FIX 8), adapters on at dW = 0, one Adam per agent over its own group
-    (FIX 5); nps: one Adam per agent over its network. The critic side is not touched (FIX 26)."""
+    """The actor parameters that train and their optimisers, fresh (docs/method.md §1).
+    ps: the shared actor, one Adam. lora: the adapters on (the policy is unchanged: dW = 0),
+    every shared parameter frozen (FIX 8), one Adam per agent over its adapters (FIX 5).
+    nps: one Adam per agent over its network. The critic is not touched (FIX 26)."""
     for module in actor.modules():
-        if hasattr(module, "lora_on"):
-            module.lora_on = phase == "lora"
-    for name, param in actor.named_parameters():
-        trains = phase == "nps" or ("lora_" in name) == (phase == "lora")
-        param.requires_grad_(trains and ("lora_bias" not in name or args.train_agent_bias))  # KEEP 18
-    if phase == "ps":
-        groups = [[param for name, param in actor.named_parameters() if "lora_" not in name]]
-    else:  # agent i's group: entry i of every per-agent ParameterList that trains
-        lists = [module for module in actor.modules() if isinstance(module, nn.ParameterList)]
-        groups = [[plist[i] for plist in lists if plist[i].requires_grad] for i in range(actor.n_agents)]
-    optimizers = [torch.optim.Adam(group, lr=args.learning_rate, eps=args.adam_eps) for group in groups]
-    merge(actor)
+        if isinstance(module, LoRALinear):
+            module.lora_on = phase == "lora" and module.rank > 0
+    if phase == "ps":  # every adapter parameter's name starts with lora_
+        groups = [[p for name, p in actor.named_parameters() if "lora_" not in name]]
+    else:
+        groups = [agent_parameters(actor, i, args) for i in range(actor.n_agents)]
+    trains = {id(p) for group in groups for p in group}
+    for param in actor.parameters():
+        param.requires_grad_(id(param) in trains)
+    optimizers = [torch.optim.Adam(g, lr=args.learning_rate, eps=args.adam_eps) for g in groups]
     return groups, optimizers
 
 
 # ==== 7. ROLLOUT BUFFER, CHUNKS, GAE ====
 class RolloutBuffer:
-    """One iteration (docs/method.md §7), (N, T[+1], E, ...) or (T[+1], E); row T becomes the next row 0. masks[t] = 0:
-    an episode ended at step t - 1; active[t] = 0: the agent was dead at step t; boot[t] = 1: step t was a timeout
-    bootstrapped from its final state (--bootstrap-timeouts), valued final_values[:, t]; bad_masks are all 1 (KEEP 28)."""
+    """One iteration's data (docs/method.md §7), agent-major: (N, T[+1], E, ...) or (T[+1], E).
+    Row T becomes the next iteration's row 0. masks[t] = 0: an episode ended at step t - 1.
+    active[t] = 0: the agent is dead at step t (only its no-op is available).
+    boot[t] = 1: step t was a timeout bootstrapped from its final state (--bootstrap-timeouts)."""
 
     def __init__(self, args, n_agents, obs_dim, state_dim, n_actions, device):
         N, T, E, H = n_agents, args.num_steps, args.num_envs, args.hidden_size
@@ -644,10 +830,9 @@ class RolloutBuffer:
         self.actor_h = torch.zeros(N, T + 1, E, H, device=device)
         self.critic_h = torch.zeros(N, T + 1, E, H, device=device)
         self.masks = torch.ones(T + 1, E, device=device)
-        self.bad_masks = torch.ones(T + 1, E, device=device)
         self.actions = torch.zeros(N, T, E, dtype=torch.long, device=device)
         self.logprobs = torch.zeros(N, T, E, device=device)
-        self.values = torch.zeros(N, T + 1, E, device=device)  # normalised; column T: the bootstrap value V_T
+        self.values = torch.zeros(N, T + 1, E, device=device)  # normalised; row T: V_T
         self.rewards = torch.zeros(T, E, device=device)
         self.boot = torch.zeros(T, E, device=device)
         self.final_state = torch.zeros(N, T, E, state_dim, device=device)
@@ -655,11 +840,12 @@ class RolloutBuffer:
         self.episode_return = np.zeros(E)
         self.episode_length = np.zeros(E, dtype=np.int64)
 
-    def put_obs(self, t, observation):
-        self.obs[:, t] = torch.as_tensor(observation["obs"]).transpose(0, 1)
-        self.state[:, t] = torch.as_tensor(observation["state"]).transpose(0, 1)
-        self.avail[:, t] = torch.as_tensor(observation["avail"]).transpose(0, 1)
-        self.active[:, t] = self.avail[:, t, :, 0] == 0  # dead <=> only the no-op is available
+    def put_obs(self, t, obs):
+        self.obs[:, t] = torch.as_tensor(obs["obs"]).transpose(0, 1)
+        self.state[:, t] = torch.as_tensor(obs["state"]).transpose(0, 1)
+        self.avail[:, t] = torch.as_tensor(obs["avail"]).transpose(0, 1)
+        # a dead agent has only the no-op available
+        self.active[:, t] = self.avail[:, t, :, 0] == 0
 
     def roll(self):
         for tensor in (self.obs, self.state, self.avail, self.active, self.actor_h, self.critic_h):
@@ -668,82 +854,101 @@ class RolloutBuffer:
 
 
 def collect_rollout(args, envs, actor, buf):
-    """Fill the buffer with one sampled policy call for all envs and agents per step, resetting finished envs after their
-    final state is kept (for --bootstrap-timeouts). Returns the finished episodes' (return, length, won) and the
-    seconds in the envs."""
+    """One sampled policy call for all envs and agents per step; finished envs are reset after
+    their final state is kept (--bootstrap-timeouts). Returns the finished episodes' (return,
+    length, won) and the seconds spent in the envs."""
     T, E = args.num_steps, args.num_envs
     rewards = np.zeros((T, E), np.float32)
     terminated = np.zeros((T, E), bool)
     truncated = np.zeros((T, E), bool)
     finished = []
     env_seconds = 0.0
-    gumbel = -torch.log(-torch.log(torch.rand(*buf.actions.shape, buf.avail.shape[-1], device=buf.actions.device)))
-    for t in range(T):
-        with torch.inference_mode():
-            logits, h = actor(buf.obs[:, t, None], buf.actor_h[:, t], buf.masks[t, None], buf.avail[:, t, None])
+    # argmax(logits + Gumbel noise) samples the policy: 10x cheaper per step than Categorical
+    uniform = torch.rand(*buf.actions.shape, buf.avail.shape[-1], device=buf.actions.device)
+    gumbel = -torch.log(-torch.log(uniform))
+    with merged_weights(actor):  # each agent's weights once per rollout, not per step
+        for t in range(T):
+            with torch.inference_mode():
+                inputs = (buf.obs[:, t, None], buf.actor_h[:, t], buf.masks[t, None])
+                logits, h = actor(*inputs, buf.avail[:, t, None])
+            if not torch.isfinite(logits).all():
+                raise FloatingPointError("non-finite policy")
+            action = (logits[:, 0] + gumbel[:, t]).argmax(-1)
             buf.actor_h[:, t + 1] = h
-            buf.actions[:, t] = (logits[:, 0] + gumbel[:, t]).argmax(-1)  # a sample of the categorical (Gumbel-max)
-            buf.logprobs[:, t] = logits[:, 0].log_softmax(-1).gather(-1, buf.actions[:, t, :, None])[..., 0]
-        if not torch.isfinite(buf.logprobs[:, t]).all():
-            raise FloatingPointError("non-finite policy")
-        start = time.time()
-        observation, rewards[t], terminated[t], truncated[t], info = envs.step(buf.actions[:, t].T.cpu().numpy())
-        done = terminated[t] | truncated[t]
-        if done.any():
-            buf.final_state[:, t] = torch.as_tensor(observation["state"]).transpose(0, 1)  # the final state, before the reset
-            observation, _ = envs.reset(options={"reset_mask": done})
-        env_seconds += time.time() - start
-        buf.put_obs(t + 1, observation)
-        buf.masks[t + 1] = torch.as_tensor(~done)
-        buf.episode_return += rewards[t]
-        buf.episode_length += 1
-        finished += list(zip(buf.episode_return[done], buf.episode_length[done], info["won"][done]))
-        buf.episode_return[done] = 0
-        buf.episode_length[done] = 0
+            buf.actions[:, t] = action
+            log_probs = logits[:, 0].log_softmax(-1)
+            buf.logprobs[:, t] = log_probs.gather(-1, action[..., None])[..., 0]
+            actions = action.T.cpu().numpy()
+            start = time.time()
+            obs, rewards[t], terminated[t], truncated[t], info = envs.step(actions)
+            done = terminated[t] | truncated[t]
+            if done.any():  # keep the true final state, then reset those envs
+                buf.final_state[:, t] = torch.as_tensor(obs["state"]).transpose(0, 1)
+                obs, _ = envs.reset(options={"reset_mask": done})
+            env_seconds += time.time() - start
+            buf.put_obs(t + 1, obs)
+            buf.masks[t + 1] = torch.as_tensor(~done)
+            buf.episode_return += rewards[t]
+            buf.episode_length += 1
+            won = info["won"][done]
+            finished += zip(buf.episode_return[done], buf.episode_length[done], won)
+            buf.episode_return[done] = 0
+            buf.episode_length[done] = 0
     buf.rewards.copy_(torch.as_tensor(rewards))
-    buf.boot.copy_(torch.as_tensor(truncated & ~terminated & args.bootstrap_timeouts))  # KEEP 28: off, timeouts end
+    # KEEP 28: by default a timeout ends its episode like the battle's end, nothing bootstrapped
+    buf.boot.copy_(torch.as_tensor(truncated & ~terminated & args.bootstrap_timeouts))
     return finished, env_seconds
 
 
 @torch.inference_mode()
 def critic_values(critic, buf):
-    """The critic values the rollout afterwards in one pass over its states (column T: V_T; its inputs never depend on its
-    outputs), keeping its hidden states for the chunks, and each bootstrapped step's final state from the step's one."""
+    """The critic's values of the whole rollout in one call over its states (row T: V_T), its
+    hidden states for the chunks, and the values of the bootstrapped steps' final states."""
     values, hs = critic(buf.state, buf.critic_h[:, 0], buf.masks)
     buf.values.copy_(values)
     buf.critic_h[:, 1:] = hs[:, :-1]
     steps, env_ids = buf.boot.nonzero(as_tuple=True)
     final_state = buf.final_state[:, steps, env_ids, None].transpose(1, 2)
-    final_values, _ = critic(final_state, hs[:, steps, env_ids], buf.masks.new_ones(1, len(steps)))
+    no_reset = buf.masks.new_ones(1, len(steps))
+    final_values, _ = critic(final_state, hs[:, steps, env_ids], no_reset)
     buf.final_values[:, steps, env_ids] = final_values[:, 0]
 
 
 def gae(rewards, values, masks, bad_masks, gamma, lam):
-    """GAE (docs/method.md §7) along axis -2 of rewards (..., T, E), values, masks, bad_masks (..., T + 1, E); returns
-    A_t + V_t, with delta_t = r_t + gamma V_{t+1} m_{t+1} - V_t and A_t = (delta_t + gamma lam m_{t+1} A_{t+1}) b_{t+1}."""
+    """GAE (docs/method.md §7) along axis -2: rewards (..., T, E); values, masks, bad_masks
+    (..., T + 1, E). delta_t = r_t + gamma V_{t+1} m_{t+1} - V_t,
+    A_t = (delta_t + gamma lam m_{t+1} A_{t+1}) b_{t+1}. Returns A + V (the returns)."""
     advantages = torch.zeros_like(values[..., :-1, :])
     last = torch.zeros_like(values[..., 0, :])
     for t in reversed(range(rewards.shape[-2])):
-        delta = rewards[..., t, :] + gamma * values[..., t + 1, :] * masks[..., t + 1, :] - values[..., t, :]
-        last = (delta + gamma * lam * masks[..., t + 1, :] * last) * bad_masks[..., t + 1, :]
+        next_value = values[..., t + 1, :] * masks[..., t + 1, :]
+        delta = rewards[..., t, :] + gamma * next_value - values[..., t, :]
+        last = delta + gamma * lam * masks[..., t + 1, :] * last
+        last = last * bad_masks[..., t + 1, :]
         advantages[..., t, :] = last
     return advantages + values[..., :-1, :]
 
 
 def compute_returns(args, buf, value_norm):
-    """Returns by GAE on values de-normalised per agent and advantages R - V standardised over the entries where the
-    agent is alive (§6); a bootstrapped timeout adds gamma V(s_final) to its reward (the episode still ends there)."""
+    """Returns by GAE on the values de-normalised per agent; advantages R - V standardised over
+    the entries where the agent is alive (method §6). A bootstrapped timeout adds gamma
+    V(s_final) to its reward (--bootstrap-timeouts; the episode still ends there)."""
     values = value_norm.denormalize(buf.values)
-    rewards = buf.rewards + args.gamma * buf.boot * value_norm.denormalize(buf.final_values)
-    returns = gae(rewards, values, buf.masks, buf.bad_masks, args.gamma, args.gae_lambda)
+    final_values = value_norm.denormalize(buf.final_values)
+    rewards = buf.rewards + args.gamma * buf.boot * final_values
+    # no advantage is zeroed: a timeout is terminal or bootstrapped (KEEP 28)
+    bad_masks = torch.ones_like(buf.masks)
+    returns = gae(rewards, values, buf.masks, bad_masks, args.gamma, args.gae_lambda)
     advantages = returns - values[:, :-1]
     active = advantages[buf.active[:, :-1] > 0]
-    return returns, (advantages - active.mean()) / (active.std(correction=0) + 1e-5)
+    advantages = (advantages - active.mean()) / (active.std(correction=0) + 1e-5)
+    return returns, advantages
 
 
 def chunk_minibatches(data, T, chunk_length, num_minibatches):
-    """Every env's stream in chunks of `chunk_length` steps, shuffled into minibatches (§6): (N, T[+1], E, ...) becomes
-    (N, L, chunks, ...), (T[+1], E) (L, chunks), and a hidden state (`*_h`) the stored one at each chunk start."""
+    """Every env's stream cut into chunks of `chunk_length` steps, shuffled into minibatches
+    (method §6): (N, T[+1], E, ...) -> (N, L, chunks, ...), (T[+1], E) -> (L, chunks), and a
+    hidden state (key ending in `_h`) -> the stored one at each chunk's start (N, chunks, H)."""
     C = T // chunk_length
     chunked = {}
     for key, x in data.items():
@@ -752,71 +957,14 @@ def chunk_minibatches(data, T, chunk_length, num_minibatches):
         elif x.dim() == 2:
             chunked[key] = x[:T].unflatten(0, (C, chunk_length)).transpose(0, 1).flatten(1, 2)
         else:
-            chunked[key] = x[:, :T].unflatten(1, (C, chunk_length)).transpose(1, 2).flatten(2, 3)
-    for index in torch.randperm(C * data["masks"].shape[-1], device=data["masks"].device).chunk(num_minibatches):
-        yield {key: x[:, index] if key.endswith("_h") or x.dim() == 2 else x[:, :, index] for key, x in chunked.items()}
-
-
-def retrace_trace(deltas, rho, masks, bad_masks, gamma, lam, c_bar=1.0, lambda_squared=True):
-    """Trace (a) of docs/method.md §11, time-major: deltas, rho (T, ...); masks, bad_masks (T + 1, ...).
-    c_t = lam min(rho_t, c_bar) (KEEP 15: lam again on top of gamma lam; --no-trace-lambda-squared: min(rho_t, c_bar)),
-    A_T = 0, A_t = b_{t+1} [delta_t + gamma lam m_{t+1} c_{t+1} A_{t+1}]. rho = 1 gives GAE(lam^2) (GAE(lam))."""
-    c = rho.clamp(max=c_bar) * (lam if lambda_squared else 1.0)
-    advantages = torch.zeros_like(deltas)
-    last = torch.zeros_like(deltas[0])
-    for t in reversed(range(deltas.shape[0])):
-        traced = c[t + 1] * last if t + 1 < deltas.shape[0] else 0.0
-        last = bad_masks[t + 1] * (deltas[t] + gamma * lam * masks[t + 1] * traced)
-        advantages[t] = last
-    return advantages
-
-
-def speedup_trace(deltas, rho, masks, bad_masks, gamma, lam):
-    """Trace (b) of docs/method.md §11: A_t = sum_{k>=t} (gamma lam)^{k-t} C_{t,k} prod_{j=t+1..k} m_j
-    prod_{j=t..k} b_{j+1} delta_k with C_{t,t} = 1, C_{t,k} = min(1, rho_k C_{t,k-1}); rho = 1 gives GAE(lam). O(T^2):
-    vectorised over t, a loop over k."""
-    advantages = torch.zeros_like(deltas)
-    decay = torch.zeros_like(deltas)  # (gamma lam)^{k-t} prod m, per start t
-    trace = torch.zeros_like(deltas)  # C_{t,k}
-    boot = torch.zeros_like(deltas)  # prod b
-    for k in range(deltas.shape[0]):
-        decay[:k] *= gamma * lam * masks[k]
-        trace[:k] = (rho[k] * trace[:k]).clamp(max=1.0)
-        boot[:k] *= bad_masks[k + 1]
-        decay[k] = 1.0
-        trace[k] = 1.0
-        boot[k] = bad_masks[k + 1]
-        advantages[: k + 1] += decay[: k + 1] * trace[: k + 1] * boot[: k + 1] * deltas[k]
-    return advantages
-
-
-def trace_deltas(args, buf, value_norm, i, last_value):
-    """Agent i's TD errors (T, E) for its trace, de-normalised with VN_i's statistics at the time of the trace:
-    delta_t = r_t + gamma b_t V(s_final) + gamma V_{t+1} m_{t+1} - V_t, V_t the rollout's values, V_T = last_value
-    (normalised, from the current critic), b_t = buf.boot[t] = 1 where step t is a bootstrapped truncation."""
-    value = value_norm.denormalize(torch.cat([buf.values[[i], :-1], last_value], dim=1), [i])[0]  # (T + 1, E)
-    rewards = buf.rewards + args.gamma * buf.boot * value_norm.denormalize(buf.final_values[[i]], [i])[0]
-    return rewards + args.gamma * value[1:] * buf.masks[1:] - value[:-1], value
-
-
-def clip_eps(args, position, n_agents):
-    """docs/method.md §11: eps_k = eps (w k / n + 1 - w), k = the 1-based position, w = --clip-tuner-weight."""
-    return args.clip_coef * (args.clip_tuner_weight * position / n_agents + 1 - args.clip_tuner_weight)
-
-
-def agent_order(kind, scores):
-    """docs/method.md §11. semi_greedy: the highest score first, then alternately a uniformly random and the highest of
-    the remaining agents; greedy: by score; random: a uniform permutation (HAPPO-like); cyclic: 0 ... n - 1."""
-    if kind == "random":
-        return torch.randperm(len(scores)).tolist()
-    if kind == "cyclic":
-        return list(range(len(scores)))
-    ranked = torch.argsort(scores, descending=True, stable=True).tolist()
-    order = []
-    while ranked:
-        pick_random = kind == "semi_greedy" and len(order) % 2 == 1
-        order.append(ranked.pop(int(torch.randint(len(ranked), ())) if pick_random else 0))
-    return order
+            x = x[:, :T].unflatten(1, (C, chunk_length))
+            chunked[key] = x.transpose(1, 2).flatten(2, 3)
+    n_chunks = C * data["masks"].shape[-1]
+    for index in torch.randperm(n_chunks).chunk(num_minibatches):
+        yield {
+            key: x[:, index] if key.endswith("_h") or x.dim() == 2 else x[:, :, index]
+            for key, x in chunked.items()
+        }
 
 
 # ==== 8. UPDATE ====
@@ -826,18 +974,20 @@ def huber(x, delta):
 
 
 def value_loss(args, critic, value_norm, mb, agents=None):
-    """Clipped Huber value loss (docs/method.md §5): each agent's normaliser first takes this minibatch's returns, then
-    L = mean max(Huber(norm(R) - V), Huber(norm(R) - V_clip)), V_clip = V_old + clamp(V - V_old, +-0.2); no masks."""
+    """Clipped Huber value loss (docs/method.md §5), in normalised units, over all steps:
+    mean max(Huber(norm(R) - V), Huber(norm(R) - V_clip)), V_clip = V_old + clip(V - V_old)."""
     values, _ = critic(mb["state"], mb["critic_h"], mb["masks"], agents)
-    value_norm.update(mb["returns"], agents)
     target = value_norm.normalize(mb["returns"], agents)
-    clipped = mb["values"] + (values - mb["values"]).clamp(-args.value_clip_coef, args.value_clip_coef)
-    return torch.max(huber(target - values, args.huber_delta), huber(target - clipped, args.huber_delta)).mean()
+    change = (values - mb["values"]).clamp(-args.value_clip_coef, args.value_clip_coef)
+    clipped = mb["values"] + change
+    error = huber(target - values, args.huber_delta)
+    clipped_error = huber(target - clipped, args.huber_delta)
+    return torch.max(error, clipped_error).mean()
 
 
 def clip_and_step(optimizers, groups, max_norm):
-    """Clip each group's gradient norm on its own, then step every optimiser; returns the mean pre-clip norm. A
-    non-finite norm stops training before any step, so that a diverged run never overwrites good weights."""
+    """Clip each group's gradient norm on its own, then step every optimiser; returns the mean
+    pre-clip norm. A non-finite norm stops training before any step (never saves bad weights)."""
     norms = torch.stack([nn.utils.clip_grad_norm_(group, max_norm) for group in groups])
     if not torch.isfinite(norms).all():
         raise FloatingPointError("non-finite gradients")
@@ -846,467 +996,650 @@ def clip_and_step(optimizers, groups, max_norm):
     return norms.mean().item()
 
 
-def update(args, actor, critic, value_norm, actor_optims, actor_groups, critic_optim, buf, returns, advantages, phase):
-    """A2PO (docs/method.md §11): the agents are updated one at a time in a semi-greedy order. Agent i at position k
-    maximises the clipped surrogate of w_i * clip(prod_{j in P} r_j, 1 +- eps_o) with the clip eps_k, on advantages
-    re-estimated with truncated importance traces of the agents updated so far; the shared critic steps on agent i's rows
-    in its turn. Phase ps steps the shared optimiser once per turn (loss / n); phases lora and nps step only agent i's
-    optimiser, so that only agent i's policy changes in its turn. A dead agent's step (active mask 0) has ratio 1 in the
-    products and traces and adds nothing to the policy loss or the entropy; advantages are standardised over the active
-    entries, the order score and the value loss take every step (the reference)."""
-    N, T, E = buf.actions.shape[:3]
-    data = dict(obs=buf.obs, state=buf.state, actor_h=buf.actor_h, critic_h=buf.critic_h, masks=buf.masks)
-    data.update(avail=buf.avail, active=buf.active, actions=buf.actions, logprobs=buf.logprobs, values=buf.values)
-    data.update(step=torch.arange(T * E).view(T, E))  # each (t, env)'s flat index: a minibatch's look-up of cached ratios
-    rollout_advantages = advantages  # standardised GAE advantages: the first agent's
-    traced_returns = returns.clone()
-    targets = returns.clone()  # the critic's regression targets
-    values = buf.values[:, :T]  # KEEP 24: the order score |A / V| with the normalised values (only a zero guarded)
-    scores = (advantages / torch.where(values == 0, 1e-8, values)).abs().mean((1, 2))
-    cache = {}  # whole-buffer ratio of each agent for the traces, dropped when its policy changes
-    sequence_cache = {}  # the same on the training chunks, for the others' product
-    stats = defaultdict(list)
+def retrace_trace(deltas, rho, masks, bad_masks, gamma, lam, c_bar=1.0, lambda_squared=True):
+    """Trace (a) of docs/method.md §11, time-major: deltas, rho (T, ...); masks, bad_masks
+    (T + 1, ...). c_t = lam min(rho_t, c_bar) (KEEP 15: lam again on top of gamma lam;
+    --no-trace-lambda-squared: min(rho_t, c_bar)), A_T = 0,
+    A_t = b_{t+1} [delta_t + gamma lam m_{t+1} c_{t+1} A_{t+1}]. rho = 1: GAE(lam^2) (GAE(lam))."""
+    T = deltas.shape[0]
+    c = rho.clamp(max=c_bar) * (lam if lambda_squared else 1.0)
+    advantages = torch.zeros_like(deltas)
+    for t in reversed(range(T)):
+        traced = c[t + 1] * advantages[t + 1] if t + 1 < T else 0.0
+        advantages[t] = bad_masks[t + 1] * (deltas[t] + gamma * lam * masks[t + 1] * traced)
+    return advantages
 
-    def active_ratio(logits, actions, old_log_probs, active):
-        """r_j = pi_j(a) / pi_j,old(a) of the stored actions, 1 where agent j is dead."""
-        log_ratio = logits.log_softmax(-1).gather(-1, actions[..., None])[..., 0] - old_log_probs
-        return torch.where(active > 0, log_ratio.exp(), 1.0)
 
-    @torch.no_grad()
-    def buffer_ratios(agents):
-        """r_j over the whole buffer, (len(agents), T, E), one step at a time from the stored rollout hidden states
-        (KEEP 23, the reference's trace evaluation), batched over agents and steps."""
-        todo = [j for j in agents if j not in cache]
-        if todo:
-            obs = buf.obs[todo, :T].reshape(len(todo), 1, T * E, -1)
-            avail = buf.avail[todo, :T].reshape(len(todo), 1, T * E, -1)
-            logits, _ = actor(
-                obs, buf.actor_h[todo, :T].reshape(len(todo), T * E, -1), buf.masks[:T].reshape(1, -1), avail, todo
+def speedup_trace(deltas, rho, masks, bad_masks, gamma, lam):
+    """Trace (b) of docs/method.md §11: A_t = sum_{k>=t} (gamma lam)^{k-t} C_{t,k}
+    prod_{j=t+1..k} m_j prod_{j=t..k} b_{j+1} delta_k, C_{t,t} = 1, C_{t,k} = min(1, rho_k
+    C_{t,k-1}); rho = 1 gives GAE(lam). O(T^2): vectorised over t, a loop over k."""
+    advantages = torch.zeros_like(deltas)
+    weight = torch.zeros_like(deltas)  # row t: (gamma lam)^{k-t} prod m prod b; 0 until k = t
+    trace = torch.zeros_like(deltas)  # row t: C_{t,k}; 0 until k = t
+    for k in range(deltas.shape[0]):
+        weight *= gamma * lam * masks[k] * bad_masks[k + 1]  # the masks are 0 or 1: exact
+        trace = (rho[k] * trace).clamp(max=1.0)
+        weight[k] = bad_masks[k + 1]
+        trace[k] = 1.0
+        advantages += weight * trace * deltas[k]
+    return advantages
+
+
+def trace_deltas(args, buf, value_norm, i, last_value):
+    """Agent i's TD errors (T, E) for its trace, de-normalised with VN_i's statistics at the time
+    of the trace: delta_t = r_t + gamma b_t V(s_final) + gamma V_{t+1} m_{t+1} - V_t, V_t the
+    rollout's values, V_T = last_value (normalised, from the current critic), b_t = buf.boot[t]."""
+    value = value_norm.denormalize(torch.cat([buf.values[[i], :-1], last_value], 1), [i])[0]
+    rewards = (
+        buf.rewards + args.gamma * buf.boot * value_norm.denormalize(buf.final_values[[i]], [i])[0]
+    )
+    return rewards + args.gamma * value[1:] * buf.masks[1:] - value[:-1], value
+
+
+def clip_eps(args, position, n_agents):
+    """docs/method.md §11: eps_k = eps (w k / n + 1 - w), k the 1-based position, w
+    --clip-tuner-weight."""
+    w = args.clip_tuner_weight
+    return args.clip_coef * (w * position / n_agents + 1 - w)
+
+
+def agent_order(kind, scores):
+    """docs/method.md §11. semi_greedy: the highest score first, then alternately a uniformly
+    random and the highest of the remaining agents; greedy: by score; random: a uniform
+    permutation (HAPPO-like); cyclic: 0 ... n - 1."""
+    if kind == "random":
+        return torch.randperm(len(scores)).tolist()
+    ranked = torch.argsort(scores, descending=True, stable=True).tolist()
+    if kind == "cyclic":  # 0 ... n - 1 every iteration, as the reference
+        ranked.sort()
+    order = []
+    while ranked:
+        pick_random = kind == "semi_greedy" and len(order) % 2 == 1
+        order.append(ranked.pop(int(torch.randint(len(ranked), ())) if pick_random else 0))
+    return order
+
+
+@torch.no_grad()
+def policy_ratios(args, actor, data, agents, cache, stepwise):
+    """r_j of `agents` under their current policies over the whole batch, (len(agents), T * E) by
+    flat (t, env) index: pi_j(a) / pi_j,old(a) of the stored action, 1 where agent j is dead
+    (whatever log-prob is stored there). stepwise: one step at a time from the stored rollout
+    hidden states (KEEP 23, the reference's trace evaluation); else on the training chunks from
+    their stored start hidden states, as the surrogate sees them (FIX 10).
+    Evaluating the policies is most of the update's time, and an agent's ratio only changes when
+    a parameter its policy reads changes: the shared ones and its own group. PyTorch counts every
+    in-place change of a tensor (`_version`, e.g. optimizer.step()), so each ratio is kept in
+    `cache` with the versions of those parameters and computed again only when they differ; no
+    code elsewhere has to drop an entry after a step. `cache`: a dict, owned by this function."""
+    # each parameter's agent; None: a shared one, which every agent's policy reads
+    owner = {id(p): j for j in range(actor.n_agents) for p in agent_parameters(actor, j, args)}
+    params = [(owner.get(id(p)), p._version) for p in actor.parameters()]
+    versions = {j: [v for k, v in params if k in (None, j)] for j in agents}
+    todo = [j for j in agents if cache.get((stepwise, j), (None,))[0] != versions[j]]
+    if todo:  # in one batched call: one policy evaluation for all of them
+        T = len(data["step"])
+        keys = ("obs", "actor_h", "avail", "actions", "logprobs", "active")
+        x = {key: data[key][todo] for key in keys}
+        if stepwise:  # each (t, env) a sequence of length 1, in order
+            x = {key: v[:, :T].flatten(1, 2)[:, None] for key, v in x.items()}
+            x.update(
+                actor_h=x["actor_h"][:, 0],
+                masks=data["masks"][:T].reshape(1, -1),
+                step=data["step"],
             )
-            ratios = active_ratio(
-                logits[:, 0], buf.actions[todo].flatten(1), buf.logprobs[todo].flatten(1), buf.active[todo, :T].flatten(1)
-            )
-            cache.update({j: ratio.view(T, E) for j, ratio in zip(todo, ratios)})
-        return torch.stack([cache[j] for j in agents])
-
-    @torch.no_grad()
-    def sequence_ratios(agents):
-        """r_j over the whole buffer, (len(agents), T * E), evaluated on the training chunks from their stored start
-        hidden states as the surrogate is, under no_grad (FIX 10), batched over agents."""
-        todo = [j for j in agents if j not in sequence_cache]
-        if todo:
-            keys = ("obs", "actor_h", "avail", "actions", "logprobs", "active")
-            todo_data = dict({key: data[key][todo] for key in keys}, masks=buf.masks, step=data["step"])
-            chunks = next(chunk_minibatches(todo_data, T, args.data_chunk_length, 1))
-            logits, _ = actor(chunks["obs"], chunks["actor_h"], chunks["masks"], chunks["avail"], todo)
-            ratios = active_ratio(logits, chunks["actions"], chunks["logprobs"], chunks["active"])
-            for j, ratio in zip(todo, ratios):
-                sequence_cache[j] = torch.empty(T * E).index_put_((chunks["step"].flatten(),), ratio.flatten())
-        return torch.stack([sequence_cache[j] for j in agents])
-
-    @torch.no_grad()
-    def trace_update(i, agents):
-        """docs/method.md §11: agent i's advantages re-estimated with rho_t = prod_{j in agents} r_j (the agents updated so
-        far and i itself), V_T from the current critic, everything de-normalised with VN_i's current statistics."""
-        nonlocal advantages
-        last_value, _ = critic(buf.state[[i], T, None], buf.critic_h[[i], T], buf.masks[T, None], [i])
-        deltas, value = trace_deltas(args, buf, value_norm, i, last_value)
-        rho = buffer_ratios(agents).prod(0)
-        if args.trace_variant == "speedup":
-            traced = speedup_trace(deltas, rho, buf.masks, buf.bad_masks, args.gamma, args.gae_lambda)
         else:
-            lam_squared = args.trace_lambda_squared
-            traced = retrace_trace(
-                deltas, rho, buf.masks, buf.bad_masks, args.gamma, args.gae_lambda, args.trace_clip, lam_squared
+            x.update(masks=data["masks"], step=data["step"])
+            x = next(chunk_minibatches(x, T, args.data_chunk_length, 1))
+        logits, _ = actor(x["obs"], x["actor_h"], x["masks"], x["avail"], todo)
+        log_prob = logits.log_softmax(-1).gather(-1, x["actions"][..., None])[..., 0]
+        # a dead agent's step: 1 in the others' product and in the trace, as in the reference
+        ratio = torch.where(x["active"] > 0, (log_prob - x["logprobs"]).exp(), 1.0)
+        # back in flat (t, env) order: argsort inverts the samples' permutation
+        ratios = ratio.flatten(1)[:, x["step"].flatten().argsort()]
+        for j, r in zip(todo, ratios):
+            cache[stepwise, j] = versions[j], r
+    return torch.stack([cache[stepwise, j][1] for j in agents])
+
+
+@torch.no_grad()
+def trace_agent(args, models, buf, data, i, agents, cache, returns, stats):
+    """docs/method.md §11: agent i's returns re-estimated with rho_t = prod_{j in agents} r_j,
+    V_T from the current critic, all de-normalised with VN_i's statistics now; then every agent's
+    advantages R - V standardised over the entries where the agent is alive (as compute_returns).
+    Returns new returns and advantages."""
+    actor, critic, value_norm = models
+    last_value, _ = critic(buf.state[[i], -1:], buf.critic_h[[i], -1], buf.masks[-1:], [i])
+    deltas, value = trace_deltas(args, buf, value_norm, i, last_value)
+    rho = policy_ratios(args, actor, data, agents, cache, True).prod(0).view_as(buf.rewards)
+    # bad_masks all 1: no advantage is zeroed, a timeout is terminal or bootstrapped (KEEP 28)
+    trace = (buf.masks, torch.ones_like(buf.masks), args.gamma, args.gae_lambda)
+    if args.trace_variant == "speedup":
+        traced = speedup_trace(deltas, rho, *trace)
+    else:
+        traced = retrace_trace(deltas, rho, *trace, args.trace_clip, args.trace_lambda_squared)
+    returns = returns.clone()  # a new tensor: the caller's is left as it was
+    returns[i] = traced + value[:-1]
+    gaps = returns - value_norm.denormalize(buf.values[:, :-1])
+    active = gaps[buf.active[:, :-1] > 0]
+    advantages = (gaps - active.mean()) / (active.std(correction=0) + 1e-5)
+    stats["a2po/trace_rho_mean"].append(rho.mean().item())
+    stats["a2po/trace_trunc_frac"].append((rho > args.trace_clip).float().mean().item())
+    gap = advantages[i] - data["advantages"][i]  # from the rollout's GAE advantages
+    stats["a2po/trace_adv_gap"].append(gap.abs().mean().item())
+    return returns, advantages
+
+
+def critic_step(args, critic, value_norm, critic_optim, mb, i, stats):
+    """One critic step on agent i's rows of the minibatch, its loss / n (KEEP 30)."""
+    value_norm.update(mb["returns"], [i])  # agent i's normaliser first takes them (reference)
+    critic_loss = value_loss(args, critic, value_norm, mb, [i]) / critic.n_agents
+    critic_optim.zero_grad()
+    (args.vf_coef * critic_loss).backward()
+    stats["losses/critic_grad_norm"].append(
+        clip_and_step([critic_optim], [list(critic.parameters())], args.max_grad_norm)
+    )
+    stats["losses/value_loss"].append(critic_loss.item() * critic.n_agents)
+
+
+def turn(args, phase, models, optimizers, data, i, others, eps, cache, stats):
+    """Agent i's turn (docs/method.md §11) on its rows of `data`: its epochs (ppo loop: one), each
+    [--two-stage: a critic-only pass over its minibatches, then] per minibatch an actor step on
+    the clipped surrogate of its ratio times the others' clipped product, and a critic step. Phase
+    ps steps the shared optimiser (agent i's loss / n); lora and nps only agent i's own, so that
+    only agent i's policy changes in its turn. Policy loss and entropy are means over the steps
+    where agent i is alive (active masks)."""
+    actor, critic, value_norm = models
+    actor_optims, actor_groups, critic_optim = optimizers
+    k = 0 if phase == "ps" else i  # the optimiser that steps: the shared one, or agent i's
+    turn_data = {key: x[[i]] if x.dim() > 2 else x for key, x in data.items()}
+    for _ in range(1 if args.a2po_loop == "ppo" else args.update_epochs):
+        minibatches = list(
+            chunk_minibatches(
+                turn_data, args.num_steps, args.data_chunk_length, args.num_minibatches
             )
-        traced_returns[i] = traced + value[:-1]
-        if args.approx_trace:  # KEEP 30: the critic regresses onto the traced return
-            targets[i] = traced_returns[i]
-        gaps = traced_returns - value_norm.denormalize(buf.values[:, :T])
-        active_gaps = gaps[buf.active[:, :T] > 0]  # standardised over all agents' active entries
-        advantages = (gaps - active_gaps.mean()) / (active_gaps.std(correction=0) + 1e-5)
-        stats["trace_rho"].append(rho.mean().item())
-        stats["trace_trunc"].append((rho > args.trace_clip).float().mean().item())
-        stats["trace_adv_gap"].append((advantages[i] - rollout_advantages[i]).abs().mean().item())
+        )
+        for mb in minibatches if args.two_stage else []:
+            critic_step(args, critic, value_norm, critic_optim, mb, i, stats)
+        for mb in minibatches:
+            logits, _ = actor(mb["obs"], mb["actor_h"], mb["masks"], mb["avail"], [i])
+            log_probs = logits.log_softmax(-1)
+            log_prob = log_probs.gather(-1, mb["actions"][..., None])[..., 0]
+            log_ratio = log_prob - mb["logprobs"]
+            ratio = log_ratio.exp()
+            if others:  # FIX 10: times the other agents' current ratios on the same samples
+                product = policy_ratios(args, actor, data, others, cache, False).prod(0)[mb["step"]]
+                stats["others_ratio"].append(product.flatten())
+                clip = args.others_clip_coef  # the product is clipped as a whole
+                ratio = ratio * product.clamp(1 - clip, 1 + clip)
+            advantage = mb["advantages"]
+            surrogate = torch.min(ratio * advantage, ratio.clamp(1 - eps, 1 + eps) * advantage)
+            # 0 where the agent is dead: no policy loss, no entropy there
+            active = mb["active"]
+            count = active.sum().clamp(min=1)
+            policy_loss = -(surrogate * active).sum() / count
+            # an unavailable action adds 0 * -1e10 = 0
+            entropy = -(log_probs.exp() * log_probs).sum(-1) * active
+            loss = policy_loss - args.ent_coef * entropy.sum() / count
+            actor_optims[k].zero_grad()
+            (loss / actor.n_agents if phase == "ps" else loss).backward()  # ps: / n (reference)
+            stats["losses/actor_grad_norm"].append(
+                clip_and_step([actor_optims[k]], [actor_groups[k]], args.max_grad_norm)
+            )
+            critic_step(args, critic, value_norm, critic_optim, mb, i, stats)
+            with torch.no_grad():
+                entries = count.item()
+                approx_kl = ((log_ratio.exp() - 1 - log_ratio) * active).sum().item() / entries
+                clipfrac = (((ratio - 1).abs() > eps) * active).sum().item() / entries
+            stats["losses/policy_loss"].append(policy_loss.item())
+            stats["losses/entropy"].append(entropy.sum().item() / entries)
+            stats["losses/approx_kl"].append(approx_kl)
+            stats["losses/clipfrac"].append(clipfrac)
 
-    def critic_step(i, mb):
-        critic_loss = value_loss(args, critic, value_norm, mb, [i]) / N  # KEEP 30: loss / n
-        critic_optim.zero_grad()
-        (args.vf_coef * critic_loss).backward()
-        stats["critic_grad_norm"].append(clip_and_step([critic_optim], [list(critic.parameters())], args.max_grad_norm))
-        stats["value_loss"].append(critic_loss.item() * N)
 
-    def turn(i, others, eps):
-        """Agent i's epochs: [--two-stage: a critic-only pass over its minibatches], then an actor step on the surrogate
-        and a critic step per minibatch, on agent i's rows; the others' ratios come from sequence_ratios."""
-        optimizer, group = (actor_optims[0], actor_groups[0]) if phase == "ps" else (actor_optims[i], actor_groups[i])
-        turn_data = {key: x[[i]] if x.dim() > 2 else x for key, x in data.items()}
-        turn_data.update(advantages=advantages[[i]], returns=targets[[i]])
-        for _ in range(1 if args.a2po_loop == "ppo" else args.update_epochs):
-            minibatches = list(chunk_minibatches(turn_data, T, args.data_chunk_length, args.num_minibatches))
-            for mb in minibatches if args.two_stage else []:
-                critic_step(i, mb)
-            for mb in minibatches:
-                others_ratio = torch.ones_like(mb["advantages"])
-                if others:  # FIX 10: the other agents' current ratios on the same samples, under no_grad
-                    product = sequence_ratios(others).prod(0)[mb["step"]][None]
-                    others_ratio = product.clamp(1 - args.others_clip_coef, 1 + args.others_clip_coef)  # as a whole
-                    stats["others_ratio"].append(product.flatten())
-                logits, _ = actor(mb["obs"], mb["actor_h"], mb["masks"], mb["avail"], [i])
-                log_probs = logits.log_softmax(-1)
-                log_ratio = log_probs.gather(-1, mb["actions"][..., None])[..., 0] - mb["logprobs"]
-                ratio = log_ratio.exp() * others_ratio
-                advantage = mb["advantages"]
-                surrogate = torch.min(ratio * advantage, ratio.clamp(1 - eps, 1 + eps) * advantage)
-                entropy = -(log_probs.exp() * log_probs).sum(-1)  # an unavailable action adds 0 * -1e10 = 0
-                active = mb["active"]
-                count = active.sum().clamp(min=1)
-                policy_loss = -(surrogate * active).sum() / count  # the mean over agent i's active samples
-                loss = policy_loss - args.ent_coef * (entropy * active).sum() / count
-                optimizer.zero_grad()
-                (loss / N if phase == "ps" else loss).backward()  # phase ps divides agent i's loss by n
-                stats["actor_grad_norm"].append(clip_and_step([optimizer], [group], args.max_grad_norm))
-                for j in range(N) if phase == "ps" else [i]:  # whose policy changed: everyone's (shared weights) or i's
-                    cache.pop(j, None)
-                    sequence_cache.pop(j, None)
-                critic_step(i, mb)
-                with torch.no_grad():
-                    stats["approx_kl"].append(((log_ratio.exp() - 1 - log_ratio) * active).sum().item() / count.item())
-                    stats["clipfrac"].append((((ratio - 1).abs() > eps) * active).sum().item() / count.item())
-                stats["policy_loss"].append(policy_loss.item())
-                stats["entropy"].append((entropy * active).sum().item() / count.item())
-
-    positions = [0] * N
-    clips = {}
-    for epoch in range(args.update_epochs if args.a2po_loop == "ppo" else 1):  # agent loop: epochs inside turn()
-        if epoch > 0:  # ppo loop: every epoch after the first re-traces every agent with all agents' ratios
-            for j in range(N):
-                trace_update(j, list(range(N)))
+def update(args, phase, actor, critic, value_norm, optimizers, buf, returns, advantages):
+    """A2PO (docs/method.md §11): the agents take turns in a semi-greedy order. Agent i at position
+    k maximises the clipped surrogate of r_i clip(prod_{j in others} r_j, 1 +- eps_o) with the
+    clip eps_k, on advantages re-traced with the ratios of the agents updated so far; the shared
+    critic steps on agent i's rows in its turn. A dead agent's step (active mask 0) is ratio 1 in
+    the products and the traces and adds nothing to the policy loss or the entropy; advantages
+    are standardised over the active entries, the order score and the value loss take every
+    step (the reference)."""
+    N = actor.n_agents
+    models = (actor, critic, value_norm)
+    # the rollout's batch, its GAE advantages, and each (t, env)'s flat index (a minibatch's
+    # look-up of the cached ratios)
+    keys = ("obs", "state", "actor_h", "critic_h", "masks", "actions", "logprobs", "values")
+    data = {key: getattr(buf, key) for key in keys + ("avail", "active")}  # StarCraft's masks
+    data.update(advantages=advantages, step=torch.arange(buf.rewards.numel()).view_as(buf.rewards))
+    normalised = buf.values[:, :-1]  # KEEP 24: the order score |A / V| with normalised V
+    scores = (advantages / torch.where(normalised == 0, 1e-8, normalised)).abs().mean((1, 2))
+    traced = returns  # the returns re-estimated so far (none yet: GAE's)
+    cache, stats = {}, defaultdict(list)
+    values = value_norm.denormalize(buf.values[:, :-1])  # before the update changes VN
+    stats["losses/explained_variance"] = [(1 - (returns - values).var() / returns.var()).item()]
+    ppo_loop = args.a2po_loop == "ppo"
+    for epoch in range(args.update_epochs if ppo_loop else 1):  # agent loop: epochs in turn()
+        # ppo loop: each later epoch first re-traces every agent with all agents' ratios
+        for j in range(N) if epoch > 0 else []:
+            traced, advantages = trace_agent(
+                args, models, buf, data, j, range(N), cache, traced, stats
+            )
         order = agent_order(args.a2po_order, scores)
         for position, i in enumerate(order, start=1):
-            if position > 1:
-                trace_update(i, order[:position])
+            if position > 1:  # agent i's advantages under the agents updated so far (and its own)
+                traced, advantages = trace_agent(
+                    args, models, buf, data, i, order[:position], cache, traced, stats
+                )
             # KEEP 13: the reference's ppo loop gives every agent the first position's clip
-            first_clip = args.a2po_clip_schedule == "reference" and args.a2po_loop == "ppo"
-            clips[position] = clip_eps(args, 1 if first_clip else position, N)
-            positions[i] = position
-            # KEEP 14: the reference's ppo loop multiplies over every other agent's ratio, the agent loop over predecessors
-            every_other = args.a2po_others == "reference" and args.a2po_loop == "ppo"
-            turn(i, [j for j in range(N) if j != i] if every_other else order[: position - 1], clips[position])
-    out = {f"losses/{key}": float(np.mean(stats[key])) for key in ("policy_loss", "value_loss", "entropy", "approx_kl")}
-    out.update({f"losses/{key}": float(np.mean(stats[key])) for key in ("clipfrac", "actor_grad_norm", "critic_grad_norm")})
-    out.update({f"a2po/order_pos/agent_{i}": position for i, position in enumerate(positions)})
-    out.update({f"a2po/clip_eps/pos_{position}": clip for position, clip in clips.items()})
-    if stats["others_ratio"]:
-        product = torch.cat(stats["others_ratio"])
-        out.update({"a2po/others_ratio_mean": product.mean().item(), "a2po/others_ratio_min": product.min().item()})
-        out["a2po/others_ratio_max"] = product.max().item()
-    for key, tag in (("trace_rho", "trace_rho_mean"), ("trace_trunc", "trace_trunc_frac"), ("trace_adv_gap", "trace_adv_gap")):
-        if stats[key]:  # no traces when a single agent is updated
-            out[f"a2po/{tag}"] = float(np.mean(stats[key]))
-    return out
+            first = ppo_loop and args.a2po_clip_schedule == "reference"
+            eps = clip_eps(args, 1 if first else position, N)
+            # KEEP 14: the reference's ppo loop multiplies every other agent's ratio, the agent
+            # loop its predecessors'
+            every_other = ppo_loop and args.a2po_others == "reference"
+            others = [j for j in range(N) if j != i] if every_other else order[: position - 1]
+            # KEEP 30: the critic regresses onto the traced returns (--no-approx-trace: GAE's)
+            turn_data = dict(
+                data, advantages=advantages, returns=traced if args.approx_trace else returns
+            )
+            turn(args, phase, models, optimizers, turn_data, i, others, eps, cache, stats)
+            stats[f"a2po/order_pos/agent_{i}"] = [position]  # the last epoch's
+            stats[f"a2po/clip_eps/pos_{position}"] = [eps]
+    if "others_ratio" in stats:  # over every sample of every minibatch
+        product = torch.cat(stats.pop("others_ratio"))
+        for name in ("mean", "min", "max"):
+            stats[f"a2po/others_ratio_{name}"] = [getattr(product, name)().item()]
+    return {key: float(np.mean(values)) for key, values in stats.items()}
 
 
 # ==== 9. EVALUATION ====
+def eval_seeds(args):
+    """The eval envs' own seed stream, the same at every evaluation (docs/method.md §8)."""
+    return [args.seed * 50000 + 10000 * k for k in range(args.eval_episodes)]
+
+
 @torch.inference_mode()
 def evaluate(args, actor, envs):
-    """Greedy evaluation (docs/method.md §8): the most probable available action, zero initial hidden state, merged
-    adapters; exactly --eval-episodes episodes, shared out evenly over the eval envs (each runs its share in turn), env k
-    seeded 50000 seed + 10000 k every time. win_rate = won episodes / episodes from each episode's own win flag (a
-    timeout or a StarCraft II restart is a loss); the mean team return and length."""
+    """Greedy evaluation: exactly --eval-episodes episodes, shared out evenly over the eval envs
+    (each plays its share in turn). win_rate: the fraction won, from each episode's win flag (a
+    timeout or a StarCraft II restart is a loss)."""
     n = envs.num_envs
-    remaining = np.array([args.eval_episodes // n + (k < args.eval_episodes % n) for k in range(n)])
-    observation, _ = envs.reset(seed=[args.seed * 50000 + 10000 * k for k in range(n)])
-    h = torch.zeros(actor.n_agents, n, args.hidden_size, device=next(actor.parameters()).device)
-    masks = torch.ones(1, n, device=h.device)
+    share = [args.eval_episodes // n + (k < args.eval_episodes % n) for k in range(n)]
+    remaining = np.array(share)
+    obs, _ = envs.reset(seed=eval_seeds(args)[:n])
+    device = next(actor.parameters()).device
+    h = torch.zeros(actor.n_agents, n, args.hidden_size, device=device)
+    masks = torch.ones(1, n, device=device)
     episode_return = np.zeros(n)
     episode_length = np.zeros(n)
     episodes = []
-    while remaining.any():
-        obs = torch.as_tensor(observation["obs"], device=h.device).transpose(0, 1)[:, None]
-        logits, h = actor(obs, h, masks, torch.as_tensor(observation["avail"], device=h.device).transpose(0, 1)[:, None])
-        observation, reward, terminated, truncated, info = envs.step(logits[:, 0].argmax(-1).T.cpu().numpy())
-        episode_return += reward
-        episode_length += 1
-        done = terminated | truncated
-        episodes += list(
-            zip(
-                info["won"][done & (remaining > 0)],
-                episode_return[done & (remaining > 0)],
-                episode_length[done & (remaining > 0)],
+    with merged_weights(actor):  # each agent's weights once per evaluation, not per step
+        while remaining.any():
+            obs, avail = (
+                torch.as_tensor(obs[k]).transpose(0, 1)[:, None] for k in ("obs", "avail")
             )
-        )
-        remaining[done & (remaining > 0)] -= 1
-        episode_return[done] = 0
-        episode_length[done] = 0
-        masks = torch.as_tensor(~done, dtype=torch.float32, device=h.device)[None]  # a new episode starts from h = 0
-        if done.any() and remaining.any():
-            observation, _ = envs.reset(options={"reset_mask": done})
-    won, returns, lengths = (np.array(column, dtype=np.float64) for column in zip(*episodes))
-    return dict(win_rate=won.mean(), episodic_return=returns.mean(), episodic_length=lengths.mean(), num_episodes=len(won))
+            logits, h = actor(obs.to(device), h, masks, avail.to(device))
+            action = logits[:, 0].argmax(-1)
+            obs, reward, terminated, truncated, info = envs.step(action.T.cpu().numpy())
+            episode_return += reward
+            episode_length += 1
+            done = terminated | truncated
+            # episodes beyond an env's share are not counted
+            counted = done & (remaining > 0)
+            won = info["won"][counted]
+            episodes += zip(won, episode_return[counted], episode_length[counted])
+            remaining[counted] -= 1
+            episode_return[done] = 0
+            episode_length[done] = 0
+            # a new episode starts from h = 0
+            masks = torch.as_tensor(~done, device=device)[None].float()
+            if done.any() and remaining.any():  # every finished env plays on: all step together
+                obs, _ = envs.reset(options={"reset_mask": done})
+    won, returns, lengths = np.array(episodes, dtype=np.float64).T
+    return dict(
+        win_rate=won.mean(),
+        episodic_return=returns.mean(),
+        episodic_length=lengths.mean(),
+        num_episodes=len(won),
+    )
+
+
+def log_evaluation(writer, args, actor, envs, global_step):
+    start = time.time()
+    result = evaluate(args, actor, envs)
+    for key, value in result.items():
+        writer.add_scalar(f"eval/{key}", value, global_step)
+    writer.add_scalar("perf/eval_s", time.time() - start, global_step)
+    returns = f"return {result['episodic_return']:.2f}"
+    print(f"  eval @ step {global_step}: win rate {result['win_rate']:.3f}, {returns}")
 
 
 # ==== 10. CHECKPOINTS ====
+CHECKPOINT_FORMAT = 2  # checkpoints of earlier versions of the scripts are refused
+
+
 def load_checkpoint(args):
-    """Read --checkpoint (one line if it is not a checkpoint of these scripts). --resume and --eval-only take its task,
-    shape and settings, and a few from the command line (--resume: a longer run; --eval-only: seed and episodes)."""
+    """Read --checkpoint, one line if it is not a checkpoint of these scripts. --resume and
+    --eval-only take its task and settings, and from the command line a few flags (--resume: a
+    longer run; --eval-only: seed and episodes)."""
     if args.checkpoint is None:
         if args.resume or args.eval_only:
-            fail(f"--{'resume' if args.resume else 'eval-only'} needs --checkpoint PATH (a checkpoint.pt of these scripts)")
+            flag = "resume" if args.resume else "eval-only"
+            fail(f"--{flag} needs --checkpoint PATH (a checkpoint.pt of these scripts)")
         return args, None
     try:
         checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - a missing or unreadable file gets the same one-line answer
-        fail(f"--checkpoint {args.checkpoint!r} cannot be read as a checkpoint ({type(error).__name__})")
+    except Exception as error:  # noqa: BLE001 - missing or unreadable: the same one line
+        fail(f"--checkpoint {args.checkpoint!r} cannot be read ({type(error).__name__})")
     if not isinstance(checkpoint, dict) or not {"args", "actor", "phase"} <= set(checkpoint):
-        fail(f"--checkpoint {args.checkpoint!r} is not a checkpoint of these scripts (adapters.pt holds adapters only)")
+        why = "is not a checkpoint of these scripts (adapters.pt holds adapters only)"
+        fail(f"--checkpoint {args.checkpoint!r} {why}")
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        fail(f"--checkpoint {args.checkpoint!r} was written by an earlier version of the scripts")
     if args.resume or args.eval_only:
-        keep = ["cuda", "threads", "checkpoint", "resume", "eval_only", "run_dir", "async_envs"]
-        keep += ["seed", "eval_episodes", "max_episode_steps"] if args.eval_only else ["total_timesteps"]
-        saved = {key: value for key, value in checkpoint["args"].items() if key in Args.__dataclass_fields__}
-        args = Args(**{**saved, **{key: getattr(args, key) for key in keep if hasattr(args, key)}})
-        args.total_timesteps = args.total_timesteps or saved["total_timesteps"]
+        keep = ["cuda", "threads", "checkpoint", "resume", "eval_only", "run_dir"]
+        if args.eval_only:
+            keep += ["seed", "eval_episodes"]
+        elif args.total_timesteps != Args.total_timesteps:  # a longer run (not the default)
+            keep += ["total_timesteps"]
+        saved = {k: v for k, v in checkpoint["args"].items() if k in Args.__dataclass_fields__}
+        args = Args(**{**saved, **{key: getattr(args, key) for key in keep}})
     return args, checkpoint
 
 
 def check_checkpoint(args, checkpoint):
-    """One line if the checkpoint is of another task or shape, or one this share mode cannot start from."""
+    """One line if the checkpoint is of another task or shape, or one this mode cannot load."""
     saved = checkpoint["args"]
     for key in TASK_KEYS:
         if saved[key] != getattr(args, key):
             flag = f"--{key.replace('_', '-')} {saved[key]}"
-            fail(f"--checkpoint is for {key}={saved[key]!r}, this run has {getattr(args, key)!r}; accepted: {flag}")
+            fail(
+                f"--checkpoint is for {key}={saved[key]!r}, not {getattr(args, key)!r}; use {flag}"
+            )
     accepted = {"ps": ("ps",), "lorasa": ("ps", "lora"), "nps": ("nps",)}[args.share_mode]
     if checkpoint["phase"] not in accepted:
-        source = f"a phase-{checkpoint['phase']} policy ({saved['share_mode']} run)"
-        fail(f"--checkpoint holds {source}, which --share-mode {args.share_mode} cannot load; accepted: {' '.join(accepted)}")
-    for key in ("rank", "lora_alpha", "lora_layers", "train_agent_bias") if checkpoint["phase"] == "lora" else ():
+        fail(
+            f"--checkpoint holds a phase-{checkpoint['phase']} policy ({saved['share_mode']} run),"
+            f" which --share-mode {args.share_mode} cannot load; accepted: {' '.join(accepted)}"
+        )
+    adapter_keys = ("rank", "lora_alpha", "lora_layers", "train_agent_bias")
+    for key in adapter_keys if checkpoint["phase"] == "lora" else ():
         if saved[key] != getattr(args, key):  # trained adapters must fit
-            fail(f"--checkpoint has adapters with {key}={saved[key]!r}, this run has {getattr(args, key)!r}")
-    if not args.eval_only and checkpoint["global_step"] >= args.total_timesteps:
-        step = checkpoint["global_step"]
-        fail(f"--total-timesteps {args.total_timesteps} leaves nothing to train after step {step}; accepted: > {step}")
+            fail(f"--checkpoint has adapters with {key}={saved[key]!r}, not {getattr(args, key)!r}")
+    step = checkpoint["global_step"]
+    if not args.eval_only and step >= args.total_timesteps:
+        fail(
+            f"--total-timesteps {args.total_timesteps} leaves nothing to train after step {step};"
+            f" accepted: > {step}"
+        )
+
+
+def load_weights(args, checkpoint, actor, critic, value_norm, critic_optim):
+    """Load a checkpoint's networks; returns the phase, step and iteration to go on from. A ps
+    checkpoint gives the shared weights only: this run's adapters keep their init (dW = 0)."""
+    from_ps = checkpoint["phase"] == "ps"
+    actor_state = {k: v for k, v in checkpoint["actor"].items() if not (from_ps and "lora_" in k)}
+    actor.load_state_dict(actor_state, strict=not from_ps)
+    critic.load_state_dict(checkpoint["critic"])
+    value_norm.load_state_dict(checkpoint["value_norm"])
+    critic_optim.load_state_dict(checkpoint["critic_optim"])
+    global_step = checkpoint["global_step"]  # the x-axis continues
+    if args.resume:
+        return checkpoint["phase"], global_step, checkpoint["iteration"]
+    phase = "lora" if args.share_mode == "lorasa" else checkpoint["phase"]  # lora at once
+    return phase, global_step, global_step // args.batch_size
 
 
 def make_run_dir(args):
-    """The run's folder: with --resume the checkpoint's own, otherwise a new one under --run-dir (never an existing
-    folder); one line if it cannot be written."""
-    name = f"{args.task}__{args.exp_name}__{args.share_mode}-r{args.rank}__{args.seed}__{int(time.time())}"
-    path = os.path.dirname(os.path.abspath(args.checkpoint)) if args.resume else os.path.join(args.run_dir, name)
-    while not args.resume and os.path.exists(path):  # a run of the same name started in the same second
+    """A new run folder under --run-dir (never an existing one), or with --resume the
+    checkpoint's own; one line if it cannot be written."""
+    name = f"{args.task}__{args.exp_name}__{args.share_mode}-r{args.rank}__{args.seed}"
+    path = os.path.join(args.run_dir, f"{name}__{int(time.time())}")
+    if args.resume:
+        path = os.path.dirname(os.path.abspath(args.checkpoint))
+    while not args.resume and os.path.exists(path):  # a run of the same name in the same second
         path += "+"
     try:
         os.makedirs(path, exist_ok=args.resume)
         if not os.access(path, os.W_OK):
             raise PermissionError(path)
     except OSError as error:
-        fail(f"--run-dir {args.run_dir!r}: cannot write {path!r} ({type(error).__name__}); accepted: a writable folder")
+        why = f"cannot write {path!r} ({type(error).__name__})"
+        fail(f"--run-dir {args.run_dir!r}: {why}; accepted: a writable folder")
     return path
 
 
-def save_checkpoint(path, payload, actor):
-    """Write `payload` atomically, and beside a checkpoint.pt of phase lora adapters.pt (per adapted layer A (N, r, in),
-    B (N, out, r), bias (N, out), scaling; the log-std offsets (N, act_dim)). Refuses non-finite weights (docs §8)."""
+def adapters_only(actor):
+    """Per adapted layer A (N, r, in), B (N, out, r), bias (N, out) and scaling: what phase lora
+    learned, for use outside these scripts."""
+    adapters = {}
+    for name, module in actor.named_modules():
+        if isinstance(module, LoRALinear) and module.rank:
+            parts = dict(A=module.lora_A, B=module.lora_B, bias=module.lora_bias)
+            adapters[name] = {key: stack(part).detach().cpu() for key, part in parts.items()}
+            adapters[name]["scaling"] = module.scaling
+    return adapters
+
+
+def save_checkpoint(path, args, progress, actor, critic, value_norm, optimizers):
+    """Write checkpoint.pt atomically (a temporary file, then a rename), in phase lora with
+    adapters.pt beside it; refuses non-finite weights. `progress`: phase, global_step, iteration
+    and the package versions."""
+    actor_optims, _, critic_optim = optimizers
+    payload = dict(format=CHECKPOINT_FORMAT, args=dataclasses.asdict(args), **progress)
+    payload.update(actor=actor.state_dict(), critic=critic.state_dict())
+    payload.update(value_norm=value_norm.state_dict(), critic_optim=critic_optim.state_dict())
+    payload["actor_optim"] = [optimizer.state_dict() for optimizer in actor_optims]
+    payload["rng"] = dict(torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        payload["rng"]["cuda"] = torch.cuda.get_rng_state_all()
     for key in ("actor", "critic"):
-        if not all(tensor.isfinite().all() for tensor in payload[key].values() if tensor.is_floating_point()):
+        if not all(t.isfinite().all() for t in payload[key].values() if t.is_floating_point()):
             raise FloatingPointError(f"non-finite {key} weights")
     files = {path: payload}
-    if os.path.basename(path) == "checkpoint.pt" and actor.lora_on:
-        adapters = {"log_std_offset": stack(actor.lora_std).detach().cpu()} if hasattr(actor, "lora_std") else {}
-        for name, module in actor.named_modules():
-            if isinstance(module, LoRALinear) and module.adapted:
-                parts = dict(A=module.lora_A, B=module.lora_B, bias=module.lora_bias)
-                adapters[name] = {key: stack(part).detach().cpu() for key, part in parts.items()}
-                adapters[name]["scaling"] = module.scaling
-        files[os.path.join(os.path.dirname(path), "adapters.pt")] = adapters
+    if os.path.basename(path) == "checkpoint.pt" and progress["phase"] == "lora":
+        files[os.path.join(os.path.dirname(path), "adapters.pt")] = adapters_only(actor)
     for file, content in files.items():
         torch.save(content, f"{file}.tmp{os.getpid()}")
         os.replace(f"{file}.tmp{os.getpid()}", file)
+    return path
+
+
+class CtrlC:
+    """First Ctrl-C: the iteration finishes, a checkpoint is saved, exit 130 (no half-applied
+    update is saved). Second Ctrl-C: quit at once."""
+
+    def __init__(self):
+        self.pressed = False
+        signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame):
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+        print("Ctrl-C: finishing the iteration, then saving (again: quit now)", file=sys.stderr)
+
+
+def log_start(writer, args, actor, critic, global_step):
+    """The effective arguments and versions (printed and in TensorBoard), and the sizes."""
+    packages = ["torch", "tyro", "jax", "jaxmarl"]
+    versions = {}
+    if args.env_backend == "sc2":
+        packages = ["torch", "tyro", "pysc2", "smac", "smacv2"]
+        # the game's build: the newest Versions/Base*, as pysc2 picks it
+        sc2_path = os.path.expanduser(os.environ.get("SC2PATH", "~/StarCraftII"))
+        versions["version/sc2_build"] = max(os.listdir(os.path.join(sc2_path, "Versions")))
+    # sc2 needs only one of smac and smacv2, the package of its map
+    for package in packages:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[f"version/{package}"] = importlib.metadata.version(package)
+    hparams = {**vars(args), **versions}
+    print(" ".join(f"{key}={value}" for key, value in hparams.items()))
+    table = "\n".join(f"|{k}|{str(v).replace('|', '&#124;')}|" for k, v in hparams.items())
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+    n = actor.n_agents
+    adapters = sum(p.numel() for p in agent_parameters(actor, 0, args)) if not actor.nps else 0
+    shared = sum(p.numel() for name, p in actor.named_parameters() if "lora_" not in name)
+    shared = shared // n if actor.nps else shared
+    sizes = dict(shared_params=shared, adapter_params_per_agent=adapters, nps_params=n * shared)
+    sizes["critic_params"] = sum(p.numel() for p in critic.parameters())
+    for key, value in sizes.items():
+        writer.add_scalar(f"lorasa/{key}", value, global_step)
+    print(f"{n} agents, {sizes}")
+    return versions
+
+
+def log_iteration(writer, args, iteration, phase, actor, groups, stats, finished, global_step):
+    """One iteration's TensorBoard scalars and its line on stdout."""
+    stats["charts/learning_rate"] = args.learning_rate
+    stats["charts/phase"] = {"ps": 0, "lora": 1, "nps": 2}[phase]
+    stats["perf/SPS_update"] = args.batch_size / stats["perf/update_s"]
+    stats["lorasa/trainable_params"] = sum(p.numel() for group in groups for p in group)
+    if finished:  # the training episodes, sampled actions
+        returns, lengths, won = np.array(finished, dtype=np.float64).T
+        stats["charts/episodic_return"] = returns.mean()
+        stats["charts/episodic_length"] = lengths.mean()
+        stats["charts/win_rate"] = won.mean()
+    with torch.no_grad():  # how far each agent moved from the shared weights: sum ||s B_i A_i||_F
+        adapted = [m for m in actor.modules() if isinstance(m, LoRALinear) and m.lora_on]
+        deltas = [m.scaling * torch.bmm(stack(m.lora_B), stack(m.lora_A)) for m in adapted]
+        for i in range(actor.n_agents):
+            norms = [torch.linalg.matrix_norm(delta[i]).item() for delta in deltas]
+            stats[f"lorasa/delta_norm/agent_{i}"] = sum(norms)
+    for key, value in stats.items():
+        writer.add_scalar(key, value, global_step)
+    win_rate = stats.get("charts/win_rate", float("nan"))
+    times = f"rollout {stats['perf/rollout_s']:.2f}s update {stats['perf/update_s']:.2f}s"
+    progress = f"iter {iteration}/{args.num_iterations} step {global_step} phase {phase}"
+    print(f"{progress} win rate {win_rate:.3f} | {times}", flush=True)
+
+
+def resume_training(checkpoint, actor_optims, device):
+    """--resume: the actor optimisers' states and the RNG the training loop draws from."""
+    for optimizer, state in zip(actor_optims, checkpoint["actor_optim"]):
+        optimizer.load_state_dict(state)
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    if device.type == "cuda" and "cuda" in checkpoint["rng"]:
+        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
 
 
 # ==== 11. MAIN ====
 if __name__ == "__main__":
-    args, checkpoint = load_checkpoint(tyro.cli(Args))
+    args = tyro.cli(Args, default=Args(**task_defaults(sys.argv[1:])))
+    args, checkpoint = load_checkpoint(args)
     args = finalize_args(args)
-    resolve_backend(args)
+    resolve_backend(args)  # a bad --map or a broken game fails here, before anything is started
     if checkpoint is not None:
         check_checkpoint(args, checkpoint)
-    run_path = None if args.eval_only else make_run_dir(args)
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if args.cuda and device.type != "cuda":
-        warnings.warn("--cuda given but CUDA is not available: running on the CPU")
-    # one torch thread in rollouts and evaluation: idle worker threads spin after every small matmul and slow the env
-    # steps next to them (README, Performance); the update uses --threads
+    # one torch thread in rollouts and evaluations: idle threads spin after every small matmul
+    # and slow the env steps beside them (docs/performance.md); the update uses --threads
     torch.set_num_threads(1)
 
-    # env setup: StarCraft II as the reference (eval: one env running all episodes), SMAX vectorised
-    envs, observation = make_envs(args, [args.seed + 1000 * k for k in range(args.num_envs)])
+    # StarCraft II as the reference: one eval env plays every episode in turn; SMAX one env each
     eval_count = args.eval_episodes if args.env_backend == "smax" else 1
-    eval_envs, _ = make_envs(args, [args.seed * 50000 + 10000 * k for k in range(eval_count)])
-    n_agents, obs_dim = envs.single_observation_space["obs"].shape
-    state_dim = envs.single_observation_space["state"].shape[1]
-    n_actions = envs.single_observation_space["avail"].shape[1]
+    eval_envs, first = make_envs(args, eval_seeds(args)[:eval_count])
+    _, n_agents, obs_dim = first["obs"].shape  # (envs, agents, obs_dim)
+    state_dim, n_actions = first["state"].shape[-1], first["avail"].shape[-1]
     actor = CategoricalActor(obs_dim, n_actions, n_agents, args).to(device)
     critic = Critic(state_dim, n_agents, args).to(device)
     value_norm = ValueNorm(n_agents).to(device)
-    critic_optim = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate, eps=args.adam_eps)
+    lr, eps = args.critic_learning_rate, args.adam_eps
+    critic_optim = torch.optim.Adam(critic.parameters(), lr=lr, eps=eps)
     phase = "nps" if args.share_mode == "nps" else "ps"
-    global_step = 0
-    iteration = 0
+    global_step, iteration = 0, 0
     if checkpoint is not None:
-        # a PS-phase checkpoint gives the shared weights only: this run's adapters keep their init (dW = 0; any rank,
-        # alpha, layer set and init); any other checkpoint loads strictly
-        ps_checkpoint = checkpoint["phase"] == "ps"
-        actor_state = {key: value for key, value in checkpoint["actor"].items() if "lora_" not in key or not ps_checkpoint}
-        actor.load_state_dict(actor_state, strict=not ps_checkpoint)
-        critic.load_state_dict(checkpoint["critic"])
-        value_norm.load_state_dict(checkpoint["value_norm"])
-        critic_optim.load_state_dict(checkpoint["critic_optim"])
-        global_step = checkpoint["global_step"]  # the x-axis continues
-        iteration = checkpoint["iteration"] if args.resume else global_step // args.batch_size
-        if args.resume:
-            phase = checkpoint["phase"]
-        elif args.share_mode == "lorasa":  # a PS checkpoint starts the fine-tuning at once
-            phase = "lora"
+        models = (actor, critic, value_norm, critic_optim)
+        phase, global_step, iteration = load_weights(args, checkpoint, *models)
     actor_groups, actor_optims = start_phase(actor, phase, args)
-    merge(critic)
     if args.resume:
-        for optimizer, state in zip(actor_optims, checkpoint["actor_optim"]):
-            optimizer.load_state_dict(state)
-        torch.set_rng_state(checkpoint["rng"]["torch"])  # the only generator the training loop draws from
-        if device.type == "cuda" and checkpoint["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        resume_training(checkpoint, actor_optims, device)
 
     if args.eval_only:
         result = evaluate(args, actor, eval_envs)
-        returns = f"return {result['episodic_return']:.2f}, {result['num_episodes']} episodes"
+        returns = f"return {result['episodic_return']:.2f}, {args.eval_episodes} episodes"
         print(f"eval {args.task} step {global_step}: win rate {result['win_rate']:.3f}, {returns}")
         sys.exit(0)
 
+    # new seeds on --resume: the simulators' states are not in the checkpoint
+    train_seeds = [args.seed + 1000 * k + global_step for k in range(args.num_envs)]
+    envs, obs = make_envs(args, train_seeds)
+    # after the games started: a failed launch leaves no run folder
+    run_path = make_run_dir(args)
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(run_path)
-    packages = ["torch", "jax", "jaxmarl"] if args.env_backend == "smax" else ["torch", "pysc2", "smac", "smacv2"]
-    versions = {}
-    for package in packages:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            versions[package] = importlib.metadata.version(package)
-    if args.env_backend == "sc2":  # the game's build: the newest Versions/Base* folder, as pysc2 picks it
-        versions["sc2_build"] = max(os.listdir(os.path.expanduser(os.environ.get("SC2PATH", "~/StarCraftII") + "/Versions")))
-    hparams = {**vars(args), "n_agents": n_agents, "device": str(device), **{f"version/{k}": v for k, v in versions.items()}}
-    table = "\n".join(f"|{key}|{str(value).replace('|', '&#124;')}|" for key, value in hparams.items())
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-    shared = sum(p.numel() for n, p in actor.named_parameters() if "lora_" not in n) // (n_agents if phase == "nps" else 1)
-    adapters = [p for n, p in actor.named_parameters() if "lora_" in n and ("lora_bias" not in n or args.train_agent_bias)]
-    counts = dict(shared_params=shared, adapter_params_per_agent=sum(p.numel() for p in adapters) // n_agents)
-    counts.update(nps_params=n_agents * shared, critic_params=sum(p.numel() for p in critic.parameters()))  # one each
-    for key, value in counts.items():
-        writer.add_scalar(f"lorasa/{key}", value, global_step)
-    print(f"{os.path.basename(run_path)}: {n_agents} agents, obs {obs_dim}, state {state_dim}, actions {n_actions}; {counts}")
-
+    versions = log_start(writer, args, actor, critic, global_step)
     buf = RolloutBuffer(args, n_agents, obs_dim, state_dim, n_actions, device)
-    buf.put_obs(0, observation)
+    buf.put_obs(0, obs)
     last_checkpoint = args.checkpoint
-    stop = []
+    ctrl_c = CtrlC()
 
     def save(name):
-        global last_checkpoint
-        if args.save_model:
-            rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else [])
-            state = dict(actor=actor.state_dict(), critic=critic.state_dict(), value_norm=value_norm.state_dict(), rng=rng)
-            state.update(actor_optim=[o.state_dict() for o in actor_optims], critic_optim=critic_optim.state_dict())
-            run = dict(args=dataclasses.asdict(args), phase=phase, global_step=global_step, iteration=iteration)
-            save_checkpoint(os.path.join(run_path, name), {**run, **state, "versions": versions}, actor)
-            last_checkpoint = os.path.join(run_path, name)
+        """The training state now, as <run folder>/<name>; None with --no-save-model."""
+        if not args.save_model:
+            return None
+        progress = dict(phase=phase, global_step=global_step, iteration=iteration)
+        progress["versions"] = versions
+        optimizers = (actor_optims, actor_groups, critic_optim)
+        models = (actor, critic, value_norm, optimizers)
+        return save_checkpoint(os.path.join(run_path, name), args, progress, *models)
 
-    def evaluate_and_save():
-        start = time.time()
-        result = evaluate(args, actor, eval_envs)
-        for key, value in result.items():
-            writer.add_scalar(f"eval/{key}", value, global_step)
-        writer.add_scalar("perf/eval_s", time.time() - start, global_step)
-        print(f"  eval @ step {global_step}: win rate {result['win_rate']:.3f}, return {result['episodic_return']:.2f}")
-        save("checkpoint.pt")
-
-    def on_ctrl_c(signum, frame):
-        """First Ctrl-C: finish the iteration, save, exit 130 (no half-applied update is saved); second: quit now."""
-        if stop:
-            raise KeyboardInterrupt
-        stop.append(signum)
-        print("Ctrl-C: finishing this iteration, then saving a checkpoint (Ctrl-C again quits at once)", file=sys.stderr)
-
-    signal.signal(signal.SIGINT, on_ctrl_c)
-    start_step = global_step
-    start_time = time.time()
+    start_step, start_time = global_step, time.time()
     try:
         if not args.resume:
-            evaluate_and_save()
-        while iteration < args.num_iterations and not stop:
+            log_evaluation(writer, args, actor, eval_envs, global_step)
+            last_checkpoint = save("checkpoint.pt") or last_checkpoint
+        while iteration < args.num_iterations and not ctrl_c.pressed:
             iteration += 1
             if phase == "ps" and args.share_mode == "lorasa" and global_step >= args.lora_start:
                 save("ps_checkpoint.pt")
                 phase = "lora"
-                actor_groups, actor_optims = start_phase(actor, phase, args)  # the policy is unchanged: dW = 0
+                actor_groups, actor_optims = start_phase(actor, phase, args)
                 print(f"  phase switch at step {global_step}: shared actor frozen, adapters on")
 
             rollout_start = time.time()
             finished, env_seconds = collect_rollout(args, envs, actor, buf)
             global_step += args.batch_size
-            rollout_seconds = time.time() - rollout_start
 
             update_start = time.time()
             torch.set_num_threads(args.threads)
             critic_values(critic, buf)  # V(s_t) for GAE and the value clip
             returns, advantages = compute_returns(args, buf, value_norm)
             optimizers = (actor_optims, actor_groups, critic_optim)
-            stats = update(args, actor, critic, value_norm, *optimizers, buf, returns, advantages, phase)
-            merge(actor, critic)  # rollouts and evaluation use the merged weights
+            models = (actor, critic, value_norm, optimizers)
+            stats = update(args, phase, *models, buf, returns, advantages)
             torch.set_num_threads(1)
-            update_seconds = time.time() - update_start
-
-            values = value_norm.denormalize(buf.values[:, :-1])
-            stats["losses/explained_variance"] = (1 - (returns - values).var() / returns.var()).item()
             stats["charts/dead_ratio"] = 1 - buf.active[:, 1:].mean().item()
             buf.roll()
+
+            stats["perf/rollout_s"] = update_start - rollout_start
+            stats["perf/update_s"] = time.time() - update_start
+            stats["perf/SPS_env"] = args.batch_size / env_seconds
             stats["charts/SPS"] = int((global_step - start_step) / (time.time() - start_time))
-            stats["charts/learning_rate"] = args.learning_rate
-            stats["charts/phase"] = {"ps": 0, "lora": 1, "nps": 2}[phase]
-            stats.update({"perf/rollout_s": rollout_seconds, "perf/update_s": update_seconds})
-            stats.update({"perf/SPS_env": args.batch_size / env_seconds, "perf/SPS_update": args.batch_size / update_seconds})
-            stats["lorasa/trainable_params"] = sum(p.numel() for group in actor_groups for p in group)
-            with torch.no_grad():  # how far each agent's weights moved from the shared ones: sum_l ||s B_i A_i||_F
-                adapted = [m for m in actor.modules() if getattr(m, "adapted", False)]
-                deltas = [m.scaling * torch.linalg.matrix_norm(torch.bmm(stack(m.lora_B), stack(m.lora_A))) for m in adapted]
-            for i in range(n_agents):
-                stats[f"lorasa/delta_norm/agent_{i}"] = sum(delta[i].item() for delta in deltas)
-            if finished:
-                stats["charts/episodic_return"] = float(np.mean([r for r, _, _ in finished]))
-                stats["charts/episodic_length"] = float(np.mean([n for _, n, _ in finished]))
-                stats["charts/win_rate"] = float(np.mean([won for _, _, won in finished]))  # stochastic training episodes
-            for key, value in stats.items():
-                writer.add_scalar(key, value, global_step)
-            episodic = f"win rate {stats['charts/win_rate']:.3f}" if finished else "win rate   n/a"
-            times = f"rollout {rollout_seconds:.2f}s update {update_seconds:.2f}s"
-            print(f"iter {iteration}/{args.num_iterations} step {global_step} phase {phase} {episodic} | {times}", flush=True)
+            logged = (stats, finished, global_step)
+            log_iteration(writer, args, iteration, phase, actor, actor_groups, *logged)
             if iteration % args.eval_interval == 0 or iteration == args.num_iterations:
-                evaluate_and_save()
-        if stop:
+                log_evaluation(writer, args, actor, eval_envs, global_step)
+                last_checkpoint = save("checkpoint.pt") or last_checkpoint
+        if ctrl_c.pressed:
             save("checkpoint.pt")
-            print(f"interrupted: checkpoint of step {global_step} saved in {run_path}", file=sys.stderr)
+            print(f"interrupted: checkpoint of step {global_step} in {run_path}", file=sys.stderr)
     except FloatingPointError as error:
         last = last_checkpoint or "none (--no-save-model, or none written yet)"
-        print(f"error: training diverged at step {global_step} ({error}); the last good checkpoint is {last}", file=sys.stderr)
+        diverged = f"training diverged at step {global_step} ({error})"
+        print(f"error: {diverged}; the last good checkpoint is {last}", file=sys.stderr)
         sys.exit(3)
     except KeyboardInterrupt:
-        print(f"quit at step {global_step}; the last checkpoint in {run_path} is kept", file=sys.stderr)
+        print(f"quit at step {global_step}; the last checkpoint is kept", file=sys.stderr)
         sys.exit(130)
     finally:
         writer.close()
     envs.close()
     eval_envs.close()
-    sys.exit(130 if stop else 0)
+    sys.exit(130 if ctrl_c.pressed else 0)

@@ -33,12 +33,16 @@ def load(script):
 
 
 def raw_vector_env_sps(module, options, steps):
-    args = module.finalize_args(module.Args(scenario=options.scenario, agent_conf=options.agent_conf))
+    args = module.finalize_args(
+        module.Args(scenario=options.scenario, agent_conf=options.agent_conf)
+    )
     envs, _ = module.make_envs(args, list(range(options.num_envs)))
     rng = np.random.default_rng(0)
     start = time.perf_counter()
     for _ in range(steps):
-        _, _, terminated, truncated, _ = envs.step(rng.uniform(-1, 1, envs.action_space.shape).astype(np.float32))
+        _, _, terminated, truncated, _ = envs.step(
+            rng.uniform(-1, 1, envs.action_space.shape).astype(np.float32)
+        )
         if (terminated | truncated).any():
             envs.reset(options={"reset_mask": terminated | truncated})
     sps = steps * options.num_envs / (time.perf_counter() - start)
@@ -47,14 +51,20 @@ def raw_vector_env_sps(module, options, steps):
 
 
 def raw_pettingzoo_sps(module, options, steps):
-    envs = [module.MaMuJoCoEnv(options.scenario, options.agent_conf).env for _ in range(options.num_envs)]
+    envs = [
+        module.MaMuJoCoEnv(options.scenario, options.agent_conf).env
+        for _ in range(options.num_envs)
+    ]
     for k, env in enumerate(envs):
         env.reset(seed=k)
     rng = np.random.default_rng(0)
     start = time.perf_counter()
     for _ in range(steps):
         for env in envs:
-            actions = {agent: rng.uniform(-1, 1, env.action_space(agent).shape) for agent in env.possible_agents}
+            actions = {
+                agent: rng.uniform(-1, 1, env.action_space(agent).shape)
+                for agent in env.possible_agents
+            }
             _, _, terminations, truncations, _ = env.step(actions)
             if any(terminations.values()) or any(truncations.values()):
                 env.reset()
@@ -72,7 +82,9 @@ def start_trainer(options, mode, folder):
 
 
 def read_run(folder):
-    accumulator = EventAccumulator(glob.glob(os.path.join(folder, "*__*"))[0], size_guidance={"scalars": 0})
+    accumulator = EventAccumulator(
+        glob.glob(os.path.join(folder, "*__*"))[0], size_guidance={"scalars": 0}
+    )
     accumulator.Reload()
     tags = ("perf/rollout_s", "perf/update_s", "charts/phase", "perf/SPS_env")
     return {tag: np.array([event.value for event in accumulator.Scalars(tag)]) for tag in tags}
@@ -88,7 +100,9 @@ def main():
     parser.add_argument("--iterations", type=int, default=8)
     parser.add_argument("--modes", nargs="+", default=["lorasa", "ps", "nps"])
     parser.add_argument("--threads", type=int, default=1, help="the trainers' --threads")
-    parser.add_argument("--parallel", type=int, default=1, help="trainer processes started side by side per mode")
+    parser.add_argument(
+        "--parallel", type=int, default=1, help="trainer processes started side by side per mode"
+    )
     parser.add_argument("--raw-steps", type=int, default=150)
     parser.add_argument("--repeats", type=int, default=2)
     options = parser.parse_args()
@@ -117,11 +131,15 @@ def main():
                 index = np.flatnonzero(result["charts/phase"] == phase)
                 index = index[index > 0]  # the first iteration warms up
                 rollout += list(steps / result["perf/rollout_s"][index])
-                env_share += list(steps / result["perf/rollout_s"][index] / result["perf/SPS_env"][index])
+                env_share += list(
+                    steps / result["perf/rollout_s"][index] / result["perf/SPS_env"][index]
+                )
                 update += list(result["perf/update_s"][index])
             if rollout:
                 shares = f"{np.median(env_share):.0%} | {max(rollout) / best_vector:.0%}, {max(rollout) / best_bare:.0%}"
-                print(f"| {mode}, {phase_name} | {shares} | {np.median(update):.2f} ({min(update):.2f}-{max(update):.2f}) |")
+                print(
+                    f"| {mode}, {phase_name} | {shares} | {np.median(update):.2f} ({min(update):.2f}-{max(update):.2f}) |"
+                )
 
 
 if __name__ == "__main__":

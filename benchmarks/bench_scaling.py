@@ -63,10 +63,20 @@ def worker(script, task, mode, reps):
         module.resolve_backend(args)
         envs, _ = module.make_envs(args, [0])
         N, OBS = envs.single_observation_space["obs"].shape
-        STATE, ACT = envs.single_observation_space["state"].shape[1], envs.single_observation_space["avail"].shape[1]
+        STATE, ACT = (
+            envs.single_observation_space["state"].shape[1],
+            envs.single_observation_space["avail"].shape[1],
+        )
     else:
-        env = module.MaMuJoCoEnv(args.scenario, args.agent_conf, args.agent_obsk, args.obs_mode, args.max_episode_steps)
-        N, OBS, STATE, ACT = env.n_agents, env.obs.shape[1], env.state.shape[1], env.action_dims.shape[1]
+        env = module.MaMuJoCoEnv(
+            args.scenario, args.agent_conf, args.agent_obsk, args.obs_mode, args.max_episode_steps
+        )
+        N, OBS, STATE, ACT = (
+            len(env.agents),
+            env.obs.shape[1],
+            env.state.shape[1],
+            env.action_dims.shape[1],
+        )
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident set
     before = status("VmRSS")
@@ -96,10 +106,15 @@ def worker(script, task, mode, reps):
     seconds = []
     for _ in range(reps + 1):
         start = time.perf_counter()
-        module.update(args, actor, critic, value_norm, optimizers, groups, critic_optim, buf, returns, advantages, phase)
+        models = (actor, critic, value_norm, (optimizers, groups, critic_optim))
+        module.update(args, phase, *models, buf, returns, advantages)
         seconds.append(time.perf_counter() - start)
-    shared = sum(p.numel() for n, p in actor.named_parameters() if "lora_" not in n) // (N if mode == "nps" else 1)
-    adapters = sum(p.numel() for n, p in actor.named_parameters() if "lora_" in n and "lora_bias" not in n)
+    shared = sum(p.numel() for n, p in actor.named_parameters() if "lora_" not in n) // (
+        N if mode == "nps" else 1
+    )
+    adapters = sum(
+        p.numel() for n, p in actor.named_parameters() if "lora_" in n and "lora_bias" not in n
+    )
     actor_params = {"ps": shared, "lorasa": shared + adapters, "nps": N * shared}[mode]
     return dict(update_s=float(np.median(seconds[1:])), peak_mib=status("VmHWM") - before, actor_params=actor_params,
                 trainable_params=sum(p.numel() for group in groups for p in group), n_agents=N)  # fmt: skip
@@ -136,12 +151,18 @@ def plot(rows, path):
     for axis, (key, title) in zip(axes, panels):
         for suite, style in (("MaMuJoCo", "-o"), ("SMAX", "--s")):
             for mode, color in zip(MODES, ("tab:blue", "tab:orange", "tab:green")):
-                points = sorted((row["n_agents"], row[key]) for row in rows if row["suite"] == suite and row["mode"] == mode)
+                points = sorted(
+                    (row["n_agents"], row[key])
+                    for row in rows
+                    if row["suite"] == suite and row["mode"] == mode
+                )
                 if points:
                     axis.plot(*zip(*points), style, color=color, label=f"{mode}, {suite}")
         axis.set(xlabel="agents", title=title, yscale="log" if key == "actor_params" else "linear")
     figure.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=6, fontsize=9)
-    figure.suptitle("Cost as agents grow: MaMuJoCo 16 x 250 and SMAX 10 x 320 env steps per iteration, 5 epochs, r = 8")
+    figure.suptitle(
+        "Cost as agents grow: MaMuJoCo 16 x 250 and SMAX 10 x 320 env steps per iteration, 5 epochs, r = 8"
+    )
     figure.tight_layout(rect=(0, 0.07, 1, 1))
     figure.savefig(path, dpi=120)
 
@@ -151,7 +172,11 @@ def main():
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--report-dir", default=os.path.join(ROOT, "benchmarks", "results"))
-    parser.add_argument("--report-only", action="store_true", help="rebuild scaling.md and scaling.png from scaling.csv")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild scaling.md and scaling.png from scaling.csv",
+    )
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.report_only:
@@ -165,12 +190,25 @@ def main():
     for round_ in range(options.rounds):
         for script, task in TASKS:
             for mode in MODES:
-                command = [sys.executable, __file__, "--reps", str(options.reps), "--worker", script, json.dumps(task), mode]
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--reps",
+                    str(options.reps),
+                    "--worker",
+                    script,
+                    json.dumps(task),
+                    mode,
+                ]
                 env = dict(os.environ, OMP_NUM_THREADS="1")
-                out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+                out = subprocess.run(
+                    command, check=True, capture_output=True, text=True, env=env
+                ).stdout
                 result = json.loads(out.strip().splitlines()[-1])
                 label = "-".join(task.values())
-                results.setdefault(("SMAX" if "smac" in script else "MaMuJoCo", label, mode), []).append(result)
+                results.setdefault(
+                    ("SMAX" if "smac" in script else "MaMuJoCo", label, mode), []
+                ).append(result)
                 print(f"round {round_ + 1} {label} ({result['n_agents']} agents) {mode}: update {result['update_s']:.2f} s, "
                       f"peak +{result['peak_mib']:.0f} MiB, actor params {result['actor_params']:,}", flush=True)  # fmt: skip
     rows = []
@@ -184,7 +222,9 @@ def main():
     with open(os.path.join(options.report_dir, "scaling.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in row.items()} for row in rows)
+        writer.writerows(
+            {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in row.items()} for row in rows
+        )
     report(options.report_dir)
 
 
@@ -195,7 +235,13 @@ def report(report_dir):
     with open(os.path.join(report_dir, "scaling.md"), "w") as f:
         f.write(scaling_table(rows))
     numbers = [
-        {**row, **{key: float(row[key]) for key in ("n_agents", "actor_params", "update_s", "peak_mib")}} for row in rows
+        {
+            **row,
+            **{
+                key: float(row[key]) for key in ("n_agents", "actor_params", "update_s", "peak_mib")
+            },
+        }
+        for row in rows
     ]
     plot(numbers, os.path.join(report_dir, "scaling.png"))
     print(f"scaling.csv, scaling.md and scaling.png in {report_dir}")

@@ -37,15 +37,21 @@ def load(script):
 
 
 def raw_smax_sps(module, options, steps):
-    args = module.finalize_args(module.Args(map=options.map, env_backend="smax", num_envs=options.num_envs))
+    args = module.finalize_args(
+        module.Args(map=options.map, env_backend="smax", num_envs=options.num_envs)
+    )
     envs, observation = module.make_envs(args, list(range(options.num_envs)))
     rng = np.random.default_rng(0)
     envs.step(np.ones((options.num_envs, observation["avail"].shape[1]), int))  # compiles the step
-    envs.reset(options={"reset_mask": np.arange(options.num_envs) % 2 == 0})  # and the partial reset
+    envs.reset(
+        options={"reset_mask": np.arange(options.num_envs) % 2 == 0}
+    )  # and the partial reset
     start = time.perf_counter()
     for _ in range(steps):
         avail = observation["avail"]
-        actions = (rng.random(avail.shape) * avail).argmax(-1)  # uniformly random among the available actions
+        actions = (rng.random(avail.shape) * avail).argmax(
+            -1
+        )  # uniformly random among the available actions
         observation, _, terminated, truncated, _ = envs.step(actions)
         if (terminated | truncated).any():
             observation, _ = envs.reset(options={"reset_mask": terminated | truncated})
@@ -55,7 +61,9 @@ def raw_smax_sps(module, options, steps):
 def rollout_worker(script, map_name, num_envs, xla_default, async_dispatch, torch_threads):
     """In a fresh process: median seconds of collect_rollout (10 envs x 320 steps, phase ps) and its env share."""
     if xla_default:
-        os.environ["XLA_FLAGS"] = ""  # the script only sets XLA_FLAGS where the environment has none
+        os.environ["XLA_FLAGS"] = (
+            ""  # the script only sets XLA_FLAGS where the environment has none
+        )
     module = load(script)
     args = module.finalize_args(module.Args(map=map_name, env_backend="smax", num_envs=num_envs))
     module.resolve_backend(args)
@@ -64,7 +72,10 @@ def rollout_worker(script, map_name, num_envs, xla_default, async_dispatch, torc
     jax.config.update("jax_cpu_enable_async_dispatch", async_dispatch)
     torch.set_num_threads(torch_threads)
     n_agents, obs_dim = envs.single_observation_space["obs"].shape
-    state_dim, n_actions = envs.single_observation_space["state"].shape[1], envs.single_observation_space["avail"].shape[1]
+    state_dim, n_actions = (
+        envs.single_observation_space["state"].shape[1],
+        envs.single_observation_space["avail"].shape[1],
+    )
     actor = module.CategoricalActor(obs_dim, n_actions, n_agents, args)
     module.start_phase(actor, "ps", args)
     buf = module.RolloutBuffer(args, n_agents, obs_dim, state_dim, n_actions, "cpu")
@@ -80,14 +91,21 @@ def rollout_worker(script, map_name, num_envs, xla_default, async_dispatch, torc
 
 
 def rollout_threads(options):
-    configs = [(xla, dispatch, threads) for xla in (False, True) for dispatch in (False, True) for threads in (1, 2)]
+    configs = [
+        (xla, dispatch, threads)
+        for xla in (False, True)
+        for dispatch in (False, True)
+        for threads in (1, 2)
+    ]
     results = {config: [] for config in configs}
     for _ in range(options.repeats):
         for config in configs:
             folder = os.path.dirname(os.path.abspath(__file__))
             call = f"rollout_worker({options.script!r}, {options.map!r}, {options.num_envs}, *{config})"
             code = f"import sys, json; sys.path.insert(0, {folder!r}); import bench_smac; print(json.dumps(bench_smac.{call}))"
-            out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+            out = subprocess.run(
+                [sys.executable, "-c", code], check=True, capture_output=True, text=True
+            ).stdout
             results[config].append(json.loads(out.strip().splitlines()[-1]))
     baseline = np.median([s for s, _ in results[(False, False, 1)]])
     print(
@@ -107,10 +125,14 @@ def trainer(options, folder):
                str(options.iterations // 2 * steps), "--eval-interval", "1000000", "--eval-episodes", "2", "--no-save-model",
                "--run-dir", folder]  # fmt: skip
     subprocess.run(command, check=True, cwd=folder, stdout=subprocess.DEVNULL)
-    accumulator = EventAccumulator(glob.glob(os.path.join(folder, "*__*"))[0], size_guidance={"scalars": 0})
+    accumulator = EventAccumulator(
+        glob.glob(os.path.join(folder, "*__*"))[0], size_guidance={"scalars": 0}
+    )
     accumulator.Reload()
     tags = ("perf/rollout_s", "perf/update_s", "charts/phase", "perf/SPS_env", "charts/SPS")
-    return {tag: np.array([event.value for event in accumulator.Scalars(tag)]) for tag in tags}, steps
+    return {
+        tag: np.array([event.value for event in accumulator.Scalars(tag)]) for tag in tags
+    }, steps
 
 
 def main():
@@ -121,7 +143,11 @@ def main():
     parser.add_argument("--iterations", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--raw-steps", type=int, default=300)
-    parser.add_argument("--rollout-threads", action="store_true", help="time the rollout under thread settings instead")
+    parser.add_argument(
+        "--rollout-threads",
+        action="store_true",
+        help="time the rollout under thread settings instead",
+    )
     options = parser.parse_args()
     if options.rollout_threads:
         rollout_threads(options)
@@ -146,7 +172,9 @@ def main():
         print(f"phase {name}: rollout {np.median(rollout):.0f} steps/s, rollout / env time in the same iterations {shares}, "
               f"best rollout / best raw {max(rollout) / max(raw):.0%}, update {np.median(update):.2f} s")  # fmt: skip
     sps = [result["charts/SPS"][-1] for result, _ in runs]
-    print(f"training SPS at the end of the runs (rollout + update, no evaluation): {' '.join(f'{x:.0f}' for x in sps)}")
+    print(
+        f"training SPS at the end of the runs (rollout + update, no evaluation): {' '.join(f'{x:.0f}' for x in sps)}"
+    )
 
 
 if __name__ == "__main__":

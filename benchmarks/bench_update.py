@@ -48,7 +48,9 @@ def ours(script, reps):
     out = {}
     for phase in ("lora", "ps"):
         torch.manual_seed(0)
-        args = module.finalize_args(module.Args(num_envs=E, num_steps=T, update_epochs=5, share_mode="lorasa"))
+        args = module.finalize_args(
+            module.Args(num_envs=E, num_steps=T, update_epochs=5, share_mode="lorasa")
+        )
         if suite == "smac":
             actor = module.CategoricalActor(OBS, ACT, N, args)
         else:
@@ -60,7 +62,9 @@ def ours(script, reps):
         for tensor in (buf.obs, buf.state, buf.values, buf.rewards):
             tensor.normal_()
         buf.masks[1:, ::3] = (torch.rand(T, 1) > 0.015).float()  # episode ends inside the batch
-        if suite == "smac":  # random availability (moves and stop always, attacks half the time), some dead agents
+        if (
+            suite == "smac"
+        ):  # random availability (moves and stop always, attacks half the time), some dead agents
             buf.avail.copy_((torch.rand(buf.avail.shape) < 0.5).float())
             buf.avail[..., 1:6] = 1
             buf.avail[..., 0] = 0
@@ -76,14 +80,14 @@ def ours(script, reps):
         updates = []
         for _ in range(reps + 1):  # the first one warms up
             start = time.perf_counter()
-            module.update(args, actor, critic, value_norm, optimizers, groups, critic_optim, buf, returns, advantages, phase)
+            models = (actor, critic, value_norm, (optimizers, groups, critic_optim))
+            module.update(args, phase, *models, buf, returns, advantages)
             updates.append(time.perf_counter() - start)
-        module.merge(actor, critic)
         obs, h, masks = torch.randn(N, 1, E, OBS), torch.zeros(N, E, 64), torch.ones(1, E)
         noise = torch.randn(N, E, ACT)
         avail = buf.avail[:, :1] if suite == "smac" else None
 
-        def act():
+        def act():  # as in a rollout: inside merged_weights (entered once per rollout)
             with torch.inference_mode():
                 if suite == "smac":
                     logits, _ = actor(obs, h, masks, avail)
@@ -95,15 +99,20 @@ def ours(script, reps):
         act_ms, critic_ms = [], []
         for _ in range(5):
             start = time.perf_counter()
-            for _ in range(200):
-                act()
+            with module.merged_weights(
+                actor
+            ):  # once per 200 steps here, once per rollout in the scripts
+                for _ in range(200):
+                    act()
             act_ms.append((time.perf_counter() - start) / 200 * 1000)
             start = time.perf_counter()
             module.critic_values(critic, buf)
             critic_ms.append((time.perf_counter() - start) / T * 1000)
         out[phase] = dict(update_s=statistics.median(updates[1:]), actor_step_ms=statistics.median(act_ms[1:]),
                           critic_per_step_ms=statistics.median(critic_ms[1:]))  # fmt: skip
-        out[phase]["action_selection_ms"] = out[phase]["actor_step_ms"] + out[phase]["critic_per_step_ms"]
+        out[phase]["action_selection_ms"] = (
+            out[phase]["actor_step_ms"] + out[phase]["critic_per_step_ms"]
+        )
     return out
 
 
@@ -112,17 +121,29 @@ def official(harness, reps, shape):
         path = os.path.join(folder, "official.json")
         command = [sys.executable, harness, "--shapes", shape, "--modes", "lora", "ps", "--threads", "1",
                    "--reps", str(reps), "--warmup", "1", "--iteration", "--json", path]  # fmt: skip
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        subprocess.run(
+            command,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+        )
         with open(path) as f:
             return json.load(f)
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--script", nargs="+", default=["mappo_lorasa_mamujoco.py"], help="one or more scripts, alternated")
+    parser.add_argument(
+        "--script",
+        nargs="+",
+        default=["mappo_lorasa_mamujoco.py"],
+        help="one or more scripts, alternated",
+    )
     parser.add_argument("--reps", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--official-harness", default=None, help="the official-code timing harness (a .py file)")
+    parser.add_argument(
+        "--official-harness", default=None, help="the official-code timing harness (a .py file)"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:  # one measurement in a fresh process with one OpenMP thread
@@ -131,25 +152,43 @@ def main():
     for round_ in range(args.rounds):
         mine = {}
         for script in args.script:
-            command = [sys.executable, __file__, "--worker", "--script", script, "--reps", str(args.reps)]
+            command = [
+                sys.executable,
+                __file__,
+                "--worker",
+                "--script",
+                script,
+                "--reps",
+                str(args.reps),
+            ]
             env = dict(os.environ, OMP_NUM_THREADS="1")
-            mine[script] = json.loads(subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout)
+            mine[script] = json.loads(
+                subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+            )
             for phase, result in mine[script].items():
                 print(f"round {round_ + 1} ours {script} phase {phase}: update {result['update_s']:.3f} s, action "
                       f"selection {result['action_selection_ms']:.3f} ms (actor {result['actor_step_ms']:.3f} + critic "
                       f"{result['critic_per_step_ms']:.3f})")  # fmt: skip
-            print(f"  phase lora / phase ps update: {mine[script]['lora']['update_s'] / mine[script]['ps']['update_s']:.2f}x")
+            print(
+                f"  phase lora / phase ps update: {mine[script]['lora']['update_s'] / mine[script]['ps']['update_s']:.2f}x"
+            )
         if len(args.script) > 1:
             first = mine[args.script[0]]
             for script in args.script[1:]:
-                ratios = ", ".join(f"phase {p} {mine[script][p]['update_s'] / first[p]['update_s']:.2f}x" for p in first)
+                ratios = ", ".join(
+                    f"phase {p} {mine[script][p]['update_s'] / first[p]['update_s']:.2f}x"
+                    for p in first
+                )
                 print(f"  update {script} / {args.script[0]}: {ratios}")
         if args.official_harness:
             first = mine[args.script[0]]
             shape = SHAPES["smac" if "smac" in args.script[0] else "mamujoco"][-1]
             for row in official(args.official_harness, args.reps, shape)["configs"]:
                 timing = row["results"]["1"]
-                iteration, rollout = timing["iteration_s"]["median"], timing["rollout_s"]["median"] * 1000
+                iteration, rollout = (
+                    timing["iteration_s"]["median"],
+                    timing["rollout_s"]["median"] * 1000,
+                )
                 print(f"round {round_ + 1} official mode {row['mode']}: train iteration {iteration:.3f} s, get_actions "
                       f"{rollout:.3f} ms")  # fmt: skip
                 if row["mode"] == "lora":

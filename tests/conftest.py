@@ -11,7 +11,12 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["mappo_lorasa_mamujoco.py", "a2po_lorasa_mamujoco.py", "mappo_lorasa_smac.py", "a2po_lorasa_smac.py"]
+SCRIPTS = [
+    "mappo_lorasa_mamujoco.py",
+    "a2po_lorasa_mamujoco.py",
+    "mappo_lorasa_smac.py",
+    "a2po_lorasa_smac.py",
+]
 MAMUJOCO = [s for s in SCRIPTS if s.endswith("mamujoco.py")]
 
 
@@ -53,7 +58,10 @@ def scalars(run_dir):
     """{tag: [(step, value), ...]} of a run's TensorBoard scalars."""
     accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     accumulator.Reload()
-    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+    return {
+        tag: [(e.step, e.value) for e in accumulator.Scalars(tag)]
+        for tag in accumulator.Tags()["scalars"]
+    }
 
 
 def only_run(cwd):
@@ -71,7 +79,9 @@ def record_actor_steps(actor, optimizers):
         def step(*a, _original=original, _k=k, **kw):
             before = {n: p.detach().clone() for n, p in actor.named_parameters()}
             out = _original(*a, **kw)
-            steps.append((_k, {n for n, p in actor.named_parameters() if not torch.equal(before[n], p)}))
+            steps.append(
+                (_k, {n for n, p in actor.named_parameters() if not torch.equal(before[n], p)})
+            )
             return out
 
         optimizer.step = step
@@ -89,7 +99,9 @@ def assert_only_the_current_agent_moved(steps, actor, groups, stats, mode, loop,
             assert k == 0 and all("lora_" not in n for n in moved)
         else:
             assert moved <= {names[id(p)] for p in groups[k]}, k
-    if mode != "ps" and loop == "agent":  # each agent's turn is contiguous and follows the logged order
+    if (
+        mode != "ps" and loop == "agent"
+    ):  # each agent's turn is contiguous and follows the logged order
         order = sorted(range(N), key=lambda i: stats[f"a2po/order_pos/agent_{i}"])
         assert [k for k, _ in steps] == [i for i in order for _ in range(epochs)]
     assert {"a2po/others_ratio_mean", "a2po/trace_rho_mean", f"a2po/clip_eps/pos_{N}"} <= set(stats)

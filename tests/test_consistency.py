@@ -12,12 +12,38 @@ import pytest
 from conftest import ROOT, SCRIPTS, present
 
 # May differ between the MAPPO and the A2PO script: the update rule and the arguments, defaults and checks it adds.
-ALGORITHM_PARTS = {"Args", "finalize_args", "update"}
-# May differ between suites (identical within one): the environment, the action distribution and the masks.
-SUITE_PARTS = {"SUITE_DEFAULTS", "TASK_DEFAULTS", "TASK_KEYS", "POSITIVE", "make_envs", "RolloutBuffer", "collect_rollout",
-               "compute_returns", "evaluate"}  # fmt: skip
-# A2PO arguments whose default is the reference's per suite (SMAC: the ppo loop, the retrace trace, one-stage critic).
-SUITE_FIELDS = {"Args.a2po_loop", "Args.trace_variant", "Args.two_stage"}
+ALGORITHM_PARTS = {"Args", "TASK_DEFAULTS", "finalize_args", "update"}
+# May differ between suites (identical within one): the environment, the action distribution, the masks, and what
+# is logged and saved of them.
+SUITE_PARTS = {
+    *("TASK_DEFAULTS", "TASK_KEYS", "POSITIVE", "task_defaults", "finalize_args"),
+    *("make_env", "make_worker_env", "make_envs", "agent_parameters", "RolloutBuffer"),
+    *("collect_rollout", "critic_values", "compute_returns", "evaluate", "log_evaluation"),
+    *("load_checkpoint", "adapters_only", "log_start", "log_iteration"),
+    # A2PO's parts that read the action distribution or the masks
+    *("trace_deltas", "policy_ratios", "trace_agent", "critic_step", "turn"),
+}
+# A2PO arguments whose default is the reference's per suite (SMAC: the ppo loop, the retrace trace, one-stage critic),
+# and the reference's suite-wide settings, literal defaults in each suite's Args.
+SUITE_FIELDS = {
+    f"Args.{name}"
+    for name in (
+        "a2po_loop",
+        "trace_variant",
+        "two_stage",
+        "total_timesteps",
+        "num_envs",
+        "num_steps",
+    )
+    + (
+        "learning_rate",
+        "critic_learning_rate",
+        "update_epochs",
+        "gae_lambda",
+        "ent_coef",
+        "eval_episodes",
+    )
+}
 BANNERS = ["DOCSTRING", "IMPORTS", "ARGS", "ENVIRONMENT", "LAYERS", "ACTOR, CRITIC, VALUENORM",
            "ROLLOUT BUFFER, CHUNKS, GAE", "UPDATE", "EVALUATION", "CHECKPOINTS", "MAIN"]  # fmt: skip
 
@@ -63,7 +89,9 @@ def mismatches(texts):
                 continue
             same_suite = suite(a) == suite(b)
             for name in set(parsed[a]) & set(parsed[b]):
-                allowed = name in ALGORITHM_PARTS or (name in SUITE_PARTS | SUITE_FIELDS | {"__main__"} and not same_suite)
+                allowed = name in ALGORITHM_PARTS or (
+                    name in SUITE_PARTS | SUITE_FIELDS | {"__main__"} and not same_suite
+                )
                 if parsed[a][name] != parsed[b][name] and not allowed:
                     bad.add(name)
     return sorted(bad)
@@ -78,12 +106,15 @@ def test_checker_detects_a_changed_definition():
     """The check above can fail: one changed character in a copy is reported, in a function and in a field's help."""
     text = read("mappo_lorasa_mamujoco.py")
     assert mismatches(
-        {"a_x_mamujoco.py": text, "b_x_mamujoco.py": text.replace("return advantages + values", "return 1 + values")}
+        {
+            "a_x_mamujoco.py": text,
+            "b_x_mamujoco.py": text.replace("return advantages + values", "return 1 + values"),
+        }
     )
     changed_help = text.replace("# discount factor", "# discount")
     assert mismatches({"a_x_mamujoco.py": text, "b_x_mamujoco.py": changed_help}) == ["Args.gamma"]
     assert mismatches(
-        {"a_x_mamujoco.py": text, "b_x_mamujoco.py": text.replace("n_agents = env.n_agents", "n_agents=env.n_agents")}
+        {"a_x_mamujoco.py": text, "b_x_mamujoco.py": text.replace("buf.roll()", "buf.roll( )")}
     ) == ["__main__"]
 
 
@@ -111,22 +142,38 @@ def test_section_order_and_self_contained(script):
     assert [int(n) for n, _ in found] == list(range(1, len(BANNERS) + 1))
     assert all(banner.startswith(expected) for (_, banner), expected in zip(found, BANNERS)), found
     others = [s[:-3] for s in SCRIPTS if s != script]
-    assert not any(re.search(rf"^\s*(import|from)\s+{other}\b", text, flags=re.M) for other in others)
+    assert not any(
+        re.search(rf"^\s*(import|from)\s+{other}\b", text, flags=re.M) for other in others
+    )
 
 
 def late_references(source):
     """(definition, name) pairs where a top-level function or class uses a top-level name defined further down."""
     tree = ast.parse(source)
-    top_level = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
-    top_level |= {ast.unparse(target) for node in tree.body if isinstance(node, ast.Assign) for target in node.targets}
+    top_level = {
+        node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+    }
+    top_level |= {
+        ast.unparse(target)
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        for target in node.targets
+    }
     seen, late = set(), []
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+            used = {
+                n.id
+                for n in ast.walk(node)
+                if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
+            }
             late += [(node.name, name) for name in sorted(used & top_level - seen - {node.name})]
             seen.add(node.name)
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
-            seen |= {ast.unparse(t) for t in (node.targets if isinstance(node, ast.Assign) else [node.target])}
+            seen |= {
+                ast.unparse(t)
+                for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+            }
     return late
 
 
@@ -139,14 +186,25 @@ def test_no_name_is_used_before_the_line_that_defines_it(script):
 
 def test_the_repository_stands_on_its_own():
     """Nothing the project ships cites files a user who clones it does not have (the development team's notes)."""
-    tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=ROOT).stdout.split()
-    texts = [name for name in tracked if name.endswith((".py", ".md", ".txt", ".toml", "run"))] or present(SCRIPTS)
+    tracked = subprocess.run(
+        ["git", "ls-files"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.split()
+    texts = [
+        name for name in tracked if name.endswith((".py", ".md", ".txt", ".toml", "run"))
+    ] or present(SCRIPTS)
     for name in texts:
-        assert not re.search(r"\.\./shared|shared/spe[c]|(lorasa|envs|a2po|style)\.md", read(name)), name
+        assert not re.search(
+            r"\.\./shared|shared/spe[c]|(lorasa|envs|a2po|style)\.md", read(name)
+        ), name
 
 
 def test_ruff_format_and_check_clean():
     files = [os.path.join(ROOT, name) for name in ("tests", "benchmarks", *present(SCRIPTS))]
     for command in (["format", "--check"], ["check"]):
-        res = subprocess.run([sys.executable, "-m", "ruff", *command, *files], capture_output=True, text=True, cwd=ROOT)
+        res = subprocess.run(
+            [sys.executable, "-m", "ruff", *command, *files],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         assert res.returncode == 0, res.stdout + res.stderr

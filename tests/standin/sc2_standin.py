@@ -50,12 +50,21 @@ class StarCraft2Env:
     def __init__(self, map_name="8m", seed=None, continuing_episode=False, obs_last_action=False, capability_config=None,
                  **kwargs):  # fmt: skip
         key = (
-            map_name if capability_config is None else (map_name, capability_config["n_units"], capability_config["n_enemies"])
+            map_name
+            if capability_config is None
+            else (map_name, capability_config["n_units"], capability_config["n_enemies"])
         )
-        state, obs, obs_last, n_actions, n_agents, n_enemies, limit = ENV_INFO[key]  # KeyError, as the real registry
+        state, obs, obs_last, n_actions, n_agents, n_enemies, limit = ENV_INFO[
+            key
+        ]  # KeyError, as the real registry
         self.map_name = map_name
         self.state_size, self.obs_size = state, obs_last if obs_last_action else obs
-        self.n_actions, self.n_agents, self.n_enemies, self.episode_limit = n_actions, n_agents, n_enemies, limit
+        self.n_actions, self.n_agents, self.n_enemies, self.episode_limit = (
+            n_actions,
+            n_agents,
+            n_enemies,
+            limit,
+        )
         self.continuing_episode = continuing_episode
         self._seed = seed
         self._episode_count = 0
@@ -68,7 +77,9 @@ class StarCraft2Env:
                 "n_agents": self.n_agents, "episode_limit": self.episode_limit}  # fmt: skip
 
     def _launch(self):
-        versions = os.path.join(os.path.expanduser(os.environ.get("SC2PATH", "~/StarCraftII")), "Versions")
+        versions = os.path.join(
+            os.path.expanduser(os.environ.get("SC2PATH", "~/StarCraftII")), "Versions"
+        )
         if not os.path.isdir(versions):
             raise FileNotFoundError(2, "No such file or directory", versions)
 
@@ -92,7 +103,9 @@ class StarCraft2Env:
         before = self.health.copy()
         for a in actions:  # attacks hit their target; then the enemies hit random allies
             if a >= 6:
-                self.health[self.n_agents + a - 6] = max(0.0, self.health[self.n_agents + a - 6] - 0.2)
+                self.health[self.n_agents + a - 6] = max(
+                    0.0, self.health[self.n_agents + a - 6] - 0.2
+                )
         alive_enemies = int((self.health[self.n_agents :] > 0).sum())
         for _ in range(alive_enemies):
             target = self.rng.integers(self.n_agents)
