@@ -45,7 +45,8 @@ import torch.nn.functional as F
 import tyro
 
 # ==== 3. ARGS ====
-LayerName = Literal["fc1", "fc2a", "fc2b", "gru_x", "gru_h", "fc_post", "head"]  # method §2
+# the seven layers that can carry adapters (docs/method.md §2)
+LayerName = Literal["fc1", "fc2a", "fc2b", "gru_x", "gru_h", "fc_post", "head"]
 
 
 @dataclass
@@ -59,6 +60,9 @@ class Args:
     checkpoint: Optional[str] = None  # start from this checkpoint.pt (ps checkpoint: lora at once)
     resume: bool = False  # with --checkpoint: continue that run (folder, steps, optimisers, RNG)
     eval_only: bool = False  # with --checkpoint: evaluate its policy, print, write nothing
+    track: bool = False  # follow the run in Weights & Biases (pip install wandb==0.23.1)
+    wandb_project_name: str = "lorasa"  # the W&B project of --track
+    wandb_entity: str = ""  # the W&B team of --track ("": your default entity)
 
     total_timesteps: int = 12_000_000  # env steps of the whole run (--resume: may extend it)
     num_envs: int = 10  # parallel training envs
@@ -112,7 +116,8 @@ class Args:
 # Where the reference's settings for a map differ from the defaults above (docs/method.md §10).
 # They apply when the map is on the command line; flags given there still win.
 TASK_DEFAULTS = {"3s5z_vs_3s6z": dict(gae_lambda=0.90)}
-TASK_KEYS = ("map", "env_backend", "state_mode", "hidden_size")  # must match to load
+# must match to load
+TASK_KEYS = ("map", "env_backend", "state_mode", "hidden_size")
 
 
 def fail(message):
@@ -122,7 +127,8 @@ def fail(message):
 
 
 def task_defaults(argv):
-    """The TASK_DEFAULTS of the map named in argv (read before tyro, so --help shows them)."""
+    """The TASK_DEFAULTS of the map named in argv (read before tyro, so
+    --help shows them)."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--map", default=Args.map)
     task, _ = parser.parse_known_args(argv)
@@ -130,7 +136,8 @@ def task_defaults(argv):
 
 
 def check(valid, key, args, accepted, problem="is invalid"):
-    """One line naming the flag, its value and the accepted ones, unless `valid`."""
+    """One line naming the flag, its value and the accepted ones, unless
+    `valid`."""
     if not valid:
         flag = "--" + key.replace("_", "-")
         fail(f"{flag} {getattr(args, key)} {problem}; accepted: {accepted}")
@@ -142,8 +149,9 @@ huber_delta adam_eps hidden_size eval_interval eval_episodes rank lora_alpha"""
 
 
 def finalize_args(args):
-    """Derive the sizes and check every value, one line for a bad one, before anything is built.
-    The backend and the map are checked by resolve_backend."""
+    """Derive the sizes and check every value, one line for a bad one,
+    before anything is built. The backend and the map are checked by
+    resolve_backend."""
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)
     if args.lora_start is None:
@@ -166,6 +174,8 @@ def finalize_args(args):
     check(args.num_minibatches <= chunks, "num_minibatches", args, f"<= {chunks}")
     span = f"0 ... --total-timesteps ({args.total_timesteps})"
     check(0 <= args.lora_start <= args.total_timesteps, "lora_start", args, span)
+    if args.track and importlib.util.find_spec("wandb") is None:
+        fail("--track needs wandb, which is not installed: pip install wandb==0.23.1")
     return args
 
 
@@ -229,8 +239,9 @@ SC2_TIMEOUT = 90
 
 
 def find_sc2(sc2_path):
-    """The game pysc2 would launch, the newest Versions/Base<build>/SC2_x64, and why it cannot run
-    (None if it looks runnable: a Linux executable)."""
+    """The game pysc2 would launch, the newest
+    Versions/Base<build>/SC2_x64, and why it cannot run (None if it
+    looks runnable: a Linux executable)."""
     versions = os.path.join(sc2_path, "Versions")
     names = os.listdir(versions) if os.path.isdir(versions) else []
     builds = [int(name[4:]) for name in names if re.fullmatch(r"Base\d+", name)]
@@ -248,20 +259,22 @@ def find_sc2(sc2_path):
 
 
 def launch_problem(error):
-    """The one line for a StarCraft II that did not start: `error` is a worker's RuntimeError
-    "<pysc2's exception type>: <message>" (StarCraft2.reset)."""
+    """The one line for a StarCraft II that failed to start or to go on:
+    `error` is a worker's GameError "<pysc2's exception type>:
+    <message>" (StarCraft2.reset, StarCraft2.step)."""
     sc2_path = os.path.expanduser(os.environ.get("SC2PATH", "~/StarCraftII"))
     exe, _ = find_sc2(sc2_path)
     if not str(error).startswith("ConnectError"):
-        return f"StarCraft II did not start ({error}); see the README section 'StarCraft II'"
+        return f"StarCraft II failed ({error}); see the README section 'StarCraft II'"
     run = f"{exe} -listen 127.0.0.1 -port 5000 -dataDir {sc2_path}/"
     why = "it exited at once or is not the game"
     return f"{exe} did not open its API port within {SC2_TIMEOUT} s ({why}); run `{run}` to see why"
 
 
 def resolve_backend(args):
-    """Choose the backend and check what it needs, one line for what is missing (README section
-    'StarCraft II' installs it); sets args.env_backend and args.task (sc2-<map> or smax-<map>)."""
+    """Choose the backend and check what it needs, one line for what is
+    missing (README section 'StarCraft II' installs it); sets
+    args.env_backend and args.task (sc2-<map> or smax-<map>)."""
     sc2_path = os.path.expanduser(os.environ.get("SC2PATH", "~/StarCraftII"))
     smacv2_task = SMACV2_TASK.fullmatch(args.map)
     package = "smacv2" if smacv2_task else "smac"
@@ -300,9 +313,11 @@ def resolve_backend(args):
 
 
 def agent_inputs(obs, state, avail, state_mode, death_masking, xp):
-    """One env's inputs per agent, with numpy or jax.numpy (xp): the actor's [obs_i, one-hot(i)];
-    the critic's [state, obs_i, one-hot(i)] or [state, one-hot(i)] (--state-mode, decision 31),
-    zero but for the id while the agent is dead (--death-masking): only its no-op is available."""
+    """One env's inputs per agent, with numpy or jax.numpy (xp): the
+    actor's [obs_i, one-hot(i)]; the critic's [state, obs_i, one-hot(i)]
+    or [state, one-hot(i)] (--state-mode, decision 31), zero but for the
+    id while the agent is dead (--death-masking): only its no-op is
+    available."""
     n_agents = obs.shape[0]
     ids = xp.eye(n_agents, dtype=xp.float32)
     state = xp.broadcast_to(state, (n_agents, state.shape[-1]))
@@ -314,11 +329,18 @@ def agent_inputs(obs, state, avail, state_mode, death_masking, xp):
     return dict(obs=actor_input, state=critic_input, avail=avail)
 
 
+class GameError(RuntimeError):
+    """StarCraft II failed in an env worker: "<pysc2's exception type>:
+    <message>" (pysc2's own types do not all survive gymnasium's
+    re-raise in the main process)."""
+
+
 class StarCraft2(gym.Env):
-    """One StarCraft II env of `smac` (SMAC maps) or `smacv2` (its tasks) as a gymnasium.Env:
-    observation {"obs", "state", "avail"} as agent_inputs, (N, ...) float32; step -> the team
-    reward, terminated (the battle ended, or StarCraft II restarted), truncated (the episode
-    limit), {"won": the battle was won}."""
+    """One StarCraft II env of `smac` (SMAC maps) or `smacv2` (its tasks)
+    as a gymnasium.Env: observation {"obs", "state", "avail"} as
+    agent_inputs, (N, ...) float32; step -> the team reward, terminated
+    (the battle ended, or StarCraft II restarted), truncated
+    (the episode limit), {"won": the battle was won}."""
 
     def __init__(self, map_name, seed, state_mode, death_masking):
         smacv2_task = SMACV2_TASK.fullmatch(map_name)
@@ -353,6 +375,8 @@ class StarCraft2(gym.Env):
         absl_logging.set_verbosity(absl_logging.FATAL)
         # a step since the last reset: the first reset() launches the game
         self.played = True
+        # the last step restarted StarCraft II; the reward normaliser of the first launch
+        self.restarted, self.max_reward = False, None
         self.modes = (state_mode, death_masking)
         info = self.env.get_env_info()
         n, n_actions = info["n_agents"], info["n_actions"]
@@ -369,23 +393,36 @@ class StarCraft2(gym.Env):
         return agent_inputs(obs, state, avail, *self.modes, np)
 
     def reset(self, seed=None, options=None):
-        # StarCraft II is seeded once, at its launch. No reset without a step since the last one:
-        # until a first episode ends, each reset relaunches the game and adds the enemies' health
-        # to smac's reward normaliser again (make_envs and evaluate both reset the eval env)
+        # StarCraft II is seeded once, at its launch. Until a first episode ends, smac launches
+        # the game at every reset and adds the enemies' health to its reward normaliser again:
+        # no reset without a step since the last one (make_envs and evaluate both reset the
+        # eval env), and the normaliser of the first launch is kept (a restart in the first
+        # episode would relaunch)
+        game = getattr(self.env, "env", self.env)  # smacv2's wrapper holds smac's env
         if self.played:
+            if self.restarted and game._episode_count == 0:
+                # smac's reset launches a new game: close the one its restart launched
+                game._sc2_proc.close()
             try:
                 self.env.reset()
-            except Exception as error:  # pysc2's types do not all survive gymnasium's re-raise
-                raise RuntimeError(f"{type(error).__name__}: {error}") from None
-        self.played = False
+            except Exception as error:
+                raise GameError(f"{type(error).__name__}: {error}") from None
+        self.max_reward = self.max_reward or game.max_reward
+        game.max_reward = self.max_reward
+        self.played = self.restarted = False
         # SMACv2's wrapper returns None after retrying a failed reset: read from the env
         return self.observe(), {}
 
     def step(self, action):
+        try:
+            reward, terminated, info = self.env.step(action.tolist())
+        except Exception as error:
+            # a failed relaunch after a restart: one error line in the main process
+            raise GameError(f"{type(error).__name__}: {error}") from None
         self.played = True
-        reward, terminated, info = self.env.step(action.tolist())
-        timeout = bool(info.get("episode_limit", False))
         # after a StarCraft II restart step() returns (0, True, {}): a loss
+        self.restarted = terminated and not info
+        timeout = bool(info.get("episode_limit", False))
         won = bool(info.get("battle_won", False))
         return self.observe(), float(reward), terminated and not timeout, timeout, {"won": won}
 
@@ -394,24 +431,25 @@ class StarCraft2(gym.Env):
 
 
 def import_smax():
-    """Import JaxMARL's SMAX quietly: its import prints to the process's stdout (one of its modules
-    resets sys.stdout, so the redirect is of the file descriptor). XLA runs single-threaded,
-    beside torch's one rollout thread (docs/performance.md)."""
+    """Import JaxMARL's SMAX alone: jaxmarl's __init__ imports every
+    JaxMARL environment first (20 s on a small machine, and it prints), so
+    SMAX is imported under bare parent packages, removed again afterwards
+    (a later `import jaxmarl` runs the real ones). XLA runs
+    single-threaded, beside torch's one rollout thread
+    (docs/performance.md)."""
     flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
     os.environ.setdefault("XLA_FLAGS", flags)
-    streams = (sys.stdout, sys.stderr)
-    sys.stdout.flush()
-    saved = os.dup(1)
+    import jax
+    import jax.numpy as jnp
+
+    parents = [name for name in ("jaxmarl", "jaxmarl.environments") if name not in sys.modules]
+    for name in parents:
+        sys.modules[name] = importlib.util.module_from_spec(importlib.util.find_spec(name))
     try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 1)
-            import jax
-            import jax.numpy as jnp
-            from jaxmarl.environments import smax
+        from jaxmarl.environments import smax
     finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-        sys.stdout, sys.stderr = streams
+        for name in parents:
+            del sys.modules[name]
     # the env steps in this thread: no hand-over to a dispatch thread (docs/performance.md)
     jax.config.update("jax_cpu_enable_async_dispatch", False)
     return jax, jnp, smax
@@ -419,8 +457,9 @@ def import_smax():
 
 @functools.lru_cache(maxsize=None)
 def smax_functions(map_name, state_mode, death_masking):
-    """JaxMARL's SMAX behind SMAC's API and action layout (docs/method.md §9): a map's jitted,
-    vmapped reset, step and masked select, built once so that the envs of one map share them."""
+    """JaxMARL's SMAX behind SMAC's API and action layout
+    (docs/method.md §9): a map's jitted, vmapped reset, step and masked
+    select, built once so that the envs of one map share them."""
     jax, jnp, smax = import_smax()
     # SMAC's episode limit, SMACv2's 200 for the smacv2_* maps
     limit = SMAC_MAPS.get(map_name, 200)
@@ -469,9 +508,10 @@ def smax_functions(map_name, state_mode, death_masking):
 
 
 class SMAXEnvs:
-    """JaxMARL's SMAX, all envs in one call (smax_functions), used like gymnasium's vector envs
-    without autoreset: finished envs are reset on request (reset_mask). Observations as
-    StarCraft2's, avail in SMAC's layout [no-op, stop, N, S, E, W, attack enemy k ...]."""
+    """JaxMARL's SMAX, all envs in one call (smax_functions), used like
+    gymnasium's vector envs without autoreset: finished envs are reset
+    on request (reset_mask). Observations as StarCraft2's, avail in
+    SMAC's layout [no-op, stop, N, S, E, W, attack enemy k ...]."""
 
     def __init__(self, map_name, num_envs, args):
         functions = smax_functions(map_name, args.state_mode, args.death_masking)
@@ -505,17 +545,20 @@ class SMAXEnvs:
 
 
 def make_worker_env(args, seed):
-    """A StarCraft II env for an AsyncVectorEnv worker process, which leaves Ctrl-C to the main
-    process: a terminal sends SIGINT to every process of the group, and the main one saves."""
-    if multiprocessing.parent_process() is not None:  # not the vector env's probe in this process
+    """A StarCraft II env for an AsyncVectorEnv worker process, which
+    leaves Ctrl-C to the main process: a terminal sends SIGINT to every
+    process of the group, and the main one saves."""
+    # not the vector env's probe in this process
+    if multiprocessing.parent_process() is not None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     return StarCraft2(args.map, seed, args.state_mode, args.death_masking)
 
 
 def make_envs(args, seeds):
-    """sc2: one StarCraft II per seed, each in its own process (gymnasium's AsyncVectorEnv without
-    autoreset, as the reference's subprocess envs); smax: all envs in one jitted call. Returns
-    the envs and their first observation; a game that did not start: one line, exit 2."""
+    """sc2: one StarCraft II per seed, each in its own process (gymnasium's
+    AsyncVectorEnv without autoreset, as the reference's subprocess
+    envs); smax: all envs in one jitted call. Returns the envs and their
+    first observation; a game that did not start: one line, exit 2."""
     if args.env_backend == "smax":
         envs = SMAXEnvs(args.map, len(seeds), args)
         return envs, envs.reset(seed=seeds)[0]
@@ -523,24 +566,25 @@ def make_envs(args, seeds):
     envs = gym.vector.AsyncVectorEnv(make, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
     # at any exit, fail() included, each worker closes its game (a terminated one would not)
     atexit.register(envs.close)
+    # gymnasium repeats a failed worker's traceback as warnings: the error line says it all
+    warnings.filterwarnings("ignore", message=".*ERROR: ")
     try:
-        with warnings.catch_warnings():
-            # gymnasium repeats a failed worker's traceback as a warning: one line says it all
-            warnings.simplefilter("ignore")
-            return envs, envs.reset(seed=seeds)[0]
-    except RuntimeError as error:  # StarCraft2.reset's, the game did not start
+        return envs, envs.reset(seed=seeds)[0]
+    except GameError as error:
         fail(launch_problem(error))
 
 
 # ==== 5. LAYERS ====
 def stack(params, agents=None):
-    """Per-agent tensors of a ParameterList stacked on a leading agent axis (all, or `agents`)."""
+    """Per-agent tensors of a ParameterList stacked on a leading agent axis
+    (all, or `agents`)."""
     return torch.stack([params[i] for i in (range(len(params)) if agents is None else agents)])
 
 
 def agent_linear(x, weight, bias):
-    """x (n, ..., in) times one shared weight (out, in), bias (out,), or times each agent's own
-    weight (n, out, in), bias (n, 1, out): all agents in one batched matmul."""
+    """x (n, ..., in) times one shared weight (out, in), bias (out,), or
+    times each agent's own weight (n, out, in), bias (n, 1, out): all
+    agents in one batched matmul."""
     if weight.dim() == 2:
         return F.linear(x, weight, bias)
     y = torch.baddbmm(bias, x.flatten(1, -2), weight.mT)
@@ -548,11 +592,13 @@ def agent_linear(x, weight, bias):
 
 
 class LoRALinear(nn.Module):
-    """A linear layer shared by all agents plus one low-rank adapter per agent (docs/method.md §3):
-    y_i = x (W0 + s B_i A_i)^T + b0 + beta_i, A_i (r, in), B_i (out, r), s = alpha / r.
-    Before the switch (`lora_on` False) it is the shared layer alone; rank 0: never adapted.
-    Each agent's A_i, B_i, beta_i are tensors of their own, so that each agent's optimiser and
-    gradient clip see only its own (FIX 5)."""
+    """A linear layer shared by all agents plus one low-rank adapter per
+    agent (docs/method.md §3): y_i = x (W0 + s B_i A_i)^T + b0 + beta_i,
+    A_i (r, in), B_i (out, r), s = alpha / r. Before the switch
+    (`lora_on` False) it is the shared layer alone; rank 0: never
+    adapted. Each agent's A_i, B_i, beta_i are tensors of their own, so
+    that each agent's optimiser and gradient clip see only its own
+    (FIX 5)."""
 
     def __init__(self, n_in, n_out, n_agents, gain, rank, alpha, init, generator):
         super().__init__()
@@ -565,7 +611,8 @@ class LoRALinear(nn.Module):
         agents = range(n_agents if rank else 0)
         self.lora_A = nn.ParameterList([torch.zeros(rank, n_in) for _ in agents])
         self.lora_B = nn.ParameterList([torch.zeros(n_out, rank) for _ in agents])
-        self.lora_bias = nn.ParameterList([torch.zeros(n_out) for _ in agents])  # KEEP 18
+        # a per-agent bias beside the adapter, trained with --train-agent-bias (KEEP 18)
+        self.lora_bias = nn.ParameterList([torch.zeros(n_out) for _ in agents])
         # KEEP 16: the reference draws B (A = 0), the LoRA paper A (B = 0): both start at dW = 0.
         # Drawn from the adapters' own generator, so that a lorasa run equals the ps run of its
         # seed until the switch (FIX 29).
@@ -573,8 +620,9 @@ class LoRALinear(nn.Module):
             nn.init.kaiming_uniform_(tensor, a=math.sqrt(5), generator=generator)
 
     def weights(self, agents=None):
-        """The (W, b) the agents act with: the shared (out, in), (out,) before the switch; after it
-        W_i = W0 + s B_i A_i (n, out, in) and b_i = b0 + beta_i (n, 1, out), computed per call."""
+        """The (W, b) the agents act with: the shared (out, in), (out,)
+        before the switch; after it W_i = W0 + s B_i A_i (n, out, in)
+        and b_i = b0 + beta_i (n, 1, out), computed per call."""
         if self.merged is not None:
             return self.merged if agents is None else [w[agents] for w in self.merged]
         if not self.lora_on:
@@ -588,7 +636,8 @@ class LoRALinear(nn.Module):
 
 
 class AgentLinear(nn.Module):
-    """One independent linear layer per agent, for the nps baseline: y_i = x W_i^T + b_i."""
+    """One independent linear layer per agent, for the nps baseline: y_i =
+    x W_i^T + b_i."""
 
     def __init__(self, n_in, n_out, n_agents, gain):
         super().__init__()
@@ -607,7 +656,8 @@ class AgentLinear(nn.Module):
 
 
 class SharedLayerNorm(nn.LayerNorm):
-    """nn.LayerNorm (never adapted, frozen in phase lora), called like the per-agent layers."""
+    """nn.LayerNorm (never adapted, frozen in phase lora), called like the
+    per-agent layers."""
 
     def forward(self, x, agents=None):
         return super().forward(x)
@@ -635,13 +685,15 @@ class AgentLayerNorm(nn.Module):
 
 @contextlib.contextmanager
 def merged_weights(*models):
-    """Inside the block every layer uses each agent's weights computed once on entry, not per
-    call: rollouts and evaluations call the policy once per env step with unchanged weights.
-    A parameter changed inside the block (its weights would be stale) raises on exit."""
+    """Inside the block every layer uses each agent's weights computed once
+    on entry, not per call: rollouts and evaluations call the policy
+    once per env step with unchanged weights. A parameter changed inside
+    the block (its weights would be stale) raises on exit."""
     kinds = (LoRALinear, AgentLinear, AgentLayerNorm)
     layers = [m for model in models for m in model.modules() if isinstance(m, kinds)]
     params = [p for model in models for p in model.parameters()]
-    versions = [p._version for p in params]  # PyTorch counts every in-place change of a tensor
+    # PyTorch counts every in-place change of a tensor
+    versions = [p._version for p in params]
     with torch.no_grad():
         for layer in layers:
             layer.merged = [w.detach() for w in layer.weights()]
@@ -656,9 +708,10 @@ def merged_weights(*models):
 
 # ==== 6. ACTOR, CRITIC, VALUENORM ====
 class RecurrentNetwork(nn.Module):
-    """All agents at once (docs/method.md §2): feature LayerNorm -> fc1, fc2a, fc2b blocks
-    (Linear-ReLU-LayerNorm) -> GRU -> LayerNorm -> fc_post block -> head. nps: every layer per
-    agent; otherwise shared, with adapters from `generator` on the layers named in `adapted`."""
+    """All agents at once (docs/method.md §2): feature LayerNorm -> fc1,
+    fc2a, fc2b blocks (Linear-ReLU-LayerNorm) -> GRU -> LayerNorm ->
+    fc_post block -> head. nps: every layer per agent; otherwise shared,
+    with adapters from `generator` on the layers named in `adapted`."""
 
     def __init__(self, n_in, n_out, n_agents, args, head_gain, nps, adapted, generator=None):
         super().__init__()
@@ -688,8 +741,9 @@ class RecurrentNetwork(nn.Module):
         self.head = linear("head", hidden, n_out, head_gain)
 
     def forward(self, x, h, masks, agents=None):
-        """x (n, T, B, in), h (n, B, H), masks (T, B) -> outputs (n, T, B, out), the hidden state
-        after every step (n, T, B, H); n = all agents or len(agents)."""
+        """x (n, T, B, in), h (n, B, H), masks (T, B) -> outputs
+        (n, T, B, out), the hidden state after every step (n, T, B, H);
+        n = all agents or len(agents)."""
         x = self.feature_norm(x, agents)
         for name in ("fc1", "fc2a", "fc2b"):
             x = self.norms[name](F.relu(self.fcs[name](x, agents)), agents)
@@ -699,12 +753,14 @@ class RecurrentNetwork(nn.Module):
         return self.head(x, agents), hs
 
     def gru(self, x, h, masks, agents=None):
-        """torch.nn.GRU's equations, gates [r, z, n] (FIX 9): h <- h * mask_t, then
-        r, z = sig(gx_rz + gh_rz), n = tanh(gx_n + r gh_n), h' = (1 - z) n + z h,
-        gx = W_x x + b_x (all steps at once), gh = W_h h + b_h (one step at a time)."""
+        """torch.nn.GRU's equations, gates [r, z, n] (FIX 9): h <- h *
+        mask_t, then r, z = sig(gx_rz + gh_rz), n = tanh(gx_n + r gh_n),
+        h' = (1 - z) n + z h, gx = W_x x + b_x (all steps at once), gh =
+        W_h h + b_h (one step at a time)."""
         hidden = h.shape[-1]
         gx_rz, gx_n = self.gru_x(x, agents).split([2 * hidden, hidden], dim=-1)
-        weight, bias = self.gru_h.weights(agents)  # once per call, not once per step
+        # once per call, not once per step
+        weight, bias = self.gru_h.weights(agents)
         outputs = []
         # unbind, not gx[:, t]: the backward of indexing allocates a gx-sized zero tensor per step
         steps = zip(gx_rz.unbind(1), gx_n.unbind(1), masks[..., None])
@@ -719,27 +775,31 @@ class RecurrentNetwork(nn.Module):
 
 
 class CategoricalActor(RecurrentNetwork):
-    """Categorical policy over SMAC's actions (docs/method.md §4): the logits of unavailable
-    actions are -1e10 in rollouts, training and evaluation, so an unavailable action is never
-    sampled, has probability 0 and gets no gradient."""
+    """Categorical policy over SMAC's actions (docs/method.md §4): the
+    logits of unavailable actions are -1e10 in rollouts, training and
+    evaluation, so an unavailable action is never sampled, has
+    probability 0 and gets no gradient."""
 
     def __init__(self, obs_dim, n_actions, n_agents, args):
         nps = args.share_mode == "nps"
         adapted = args.lora_layers if args.share_mode == "lorasa" else ()
-        generator = torch.Generator().manual_seed(args.seed)  # the adapters' own (FIX 29)
+        # the adapters' own (FIX 29)
+        generator = torch.Generator().manual_seed(args.seed)
         super().__init__(obs_dim, n_actions, n_agents, args, 0.01, nps, adapted, generator)
         self.nps = nps
 
     def forward(self, obs, h, masks, avail, agents=None):
-        """obs (n, T, B, obs_dim), avail (n, T, B, n_actions) -> masked logits (n, T, B,
-        n_actions), the hidden state after the last step (n, B, H)."""
+        """obs (n, T, B, obs_dim), avail (n, T, B, n_actions) -> masked
+        logits (n, T, B, n_actions), the hidden state after the last
+        step (n, B, H)."""
         logits, hs = super().forward(obs, h, masks, agents)
         return logits.masked_fill(avail == 0, -1e10), hs[:, -1]
 
 
 class Critic(RecurrentNetwork):
-    """Centralised critic (docs/method.md §5): one for all agents (nps: one each), never
-    adapted. Outputs normalised values (n, T, B) and the hidden states."""
+    """Centralised critic (docs/method.md §5): one for all agents
+    (nps: one each), never adapted. Outputs normalised values (n, T, B)
+    and the hidden states."""
 
     def __init__(self, state_dim, n_agents, args):
         nps = args.share_mode == "nps"
@@ -751,9 +811,10 @@ class Critic(RecurrentNetwork):
 
 
 class ValueNorm(nn.Module):
-    """One running normaliser of the returns per agent (docs/method.md §5, KEEP 25): exponential
-    averages (beta) of R, of R^2 and of 1 (the debiasing term d >= 1e-5) per agent;
-    mean = avg(R) / d, var = max(avg(R^2) / d - mean^2, 1e-2)."""
+    """One running normaliser of the returns per agent (docs/method.md §5,
+    KEEP 25): exponential averages (beta) of R, of R^2 and of 1 (the
+    debiasing term d >= 1e-5) per agent; mean = avg(R) / d, var =
+    max(avg(R^2) / d - mean^2, 1e-2)."""
 
     def __init__(self, n_agents, beta=0.99999):
         super().__init__()
@@ -784,22 +845,26 @@ class ValueNorm(nn.Module):
 
 
 def agent_parameters(actor, i, args):
-    """Agent i's own actor parameters: its adapters (lorasa) or its whole network (nps)."""
+    """Agent i's own actor parameters: its adapters (lorasa) or its whole
+    network (nps)."""
     params = []
     for module in actor.modules():
         if isinstance(module, LoRALinear) and module.rank:
             params += [module.lora_A[i], module.lora_B[i]]
-            params += [module.lora_bias[i]] if args.train_agent_bias else []  # KEEP 18
+            # the reference never trains the per-agent biases (KEEP 18)
+            params += [module.lora_bias[i]] if args.train_agent_bias else []
         elif isinstance(module, (AgentLinear, AgentLayerNorm)):
             params += [module.weight[i], module.bias[i]]
     return params
 
 
 def start_phase(actor, phase, args):
-    """The actor parameters that train and their optimisers, fresh (docs/method.md §1).
-    ps: the shared actor, one Adam. lora: the adapters on (the policy is unchanged: dW = 0),
-    every shared parameter frozen (FIX 8), one Adam per agent over its adapters (FIX 5).
-    nps: one Adam per agent over its network. The critic is not touched (FIX 26)."""
+    """The actor parameters that train and their optimisers, fresh
+    (docs/method.md §1). ps: the shared actor, one Adam. lora: the
+    adapters on (the policy is unchanged: dW = 0), every shared
+    parameter frozen (FIX 8), one Adam per agent over its adapters
+    (FIX 5). nps: one Adam per agent over its network. The critic is not
+    touched (FIX 26)."""
     for module in actor.modules():
         if isinstance(module, LoRALinear):
             module.lora_on = phase == "lora" and module.rank > 0
@@ -816,10 +881,12 @@ def start_phase(actor, phase, args):
 
 # ==== 7. ROLLOUT BUFFER, CHUNKS, GAE ====
 class RolloutBuffer:
-    """One iteration's data (docs/method.md §7), agent-major: (N, T[+1], E, ...) or (T[+1], E).
-    Row T becomes the next iteration's row 0. masks[t] = 0: an episode ended at step t - 1.
-    active[t] = 0: the agent is dead at step t (only its no-op is available).
-    boot[t] = 1: step t was a timeout bootstrapped from its final state (--bootstrap-timeouts)."""
+    """One iteration's data (docs/method.md §7), agent-major:
+    (N, T[+1], E, ...) or (T[+1], E). Row T becomes the next iteration's
+    row 0. masks[t] = 0: an episode ended at step t - 1. active[t] = 0:
+    the agent is dead at step t (only its no-op is available). boot[t] =
+    1: step t was a timeout bootstrapped from its final state
+    (--bootstrap-timeouts)."""
 
     def __init__(self, args, n_agents, obs_dim, state_dim, n_actions, device):
         N, T, E, H = n_agents, args.num_steps, args.num_envs, args.hidden_size
@@ -832,7 +899,8 @@ class RolloutBuffer:
         self.masks = torch.ones(T + 1, E, device=device)
         self.actions = torch.zeros(N, T, E, dtype=torch.long, device=device)
         self.logprobs = torch.zeros(N, T, E, device=device)
-        self.values = torch.zeros(N, T + 1, E, device=device)  # normalised; row T: V_T
+        # normalised; row T: V_T
+        self.values = torch.zeros(N, T + 1, E, device=device)
         self.rewards = torch.zeros(T, E, device=device)
         self.boot = torch.zeros(T, E, device=device)
         self.final_state = torch.zeros(N, T, E, state_dim, device=device)
@@ -854,9 +922,10 @@ class RolloutBuffer:
 
 
 def collect_rollout(args, envs, actor, buf):
-    """One sampled policy call for all envs and agents per step; finished envs are reset after
-    their final state is kept (--bootstrap-timeouts). Returns the finished episodes' (return,
-    length, won) and the seconds spent in the envs."""
+    """One sampled policy call for all envs and agents per step; finished
+    envs are reset after their final state is kept
+    (--bootstrap-timeouts). Returns the finished episodes'
+    (return, length, won) and the seconds spent in the envs."""
     T, E = args.num_steps, args.num_envs
     rewards = np.zeros((T, E), np.float32)
     terminated = np.zeros((T, E), bool)
@@ -866,7 +935,8 @@ def collect_rollout(args, envs, actor, buf):
     # argmax(logits + Gumbel noise) samples the policy: 10x cheaper per step than Categorical
     uniform = torch.rand(*buf.actions.shape, buf.avail.shape[-1], device=buf.actions.device)
     gumbel = -torch.log(-torch.log(uniform))
-    with merged_weights(actor):  # each agent's weights once per rollout, not per step
+    # each agent's weights once per rollout, not per step
+    with merged_weights(actor):
         for t in range(T):
             with torch.inference_mode():
                 inputs = (buf.obs[:, t, None], buf.actor_h[:, t], buf.masks[t, None])
@@ -882,7 +952,8 @@ def collect_rollout(args, envs, actor, buf):
             start = time.time()
             obs, rewards[t], terminated[t], truncated[t], info = envs.step(actions)
             done = terminated[t] | truncated[t]
-            if done.any():  # keep the true final state, then reset those envs
+            # keep the true final state, then reset those envs
+            if done.any():
                 buf.final_state[:, t] = torch.as_tensor(obs["state"]).transpose(0, 1)
                 obs, _ = envs.reset(options={"reset_mask": done})
             env_seconds += time.time() - start
@@ -902,8 +973,9 @@ def collect_rollout(args, envs, actor, buf):
 
 @torch.inference_mode()
 def critic_values(critic, buf):
-    """The critic's values of the whole rollout in one call over its states (row T: V_T), its
-    hidden states for the chunks, and the values of the bootstrapped steps' final states."""
+    """The critic's values of the whole rollout in one call over its states
+    (row T: V_T), its hidden states for the chunks, and the values of
+    the bootstrapped steps' final states."""
     values, hs = critic(buf.state, buf.critic_h[:, 0], buf.masks)
     buf.values.copy_(values)
     buf.critic_h[:, 1:] = hs[:, :-1]
@@ -915,9 +987,10 @@ def critic_values(critic, buf):
 
 
 def gae(rewards, values, masks, bad_masks, gamma, lam):
-    """GAE (docs/method.md §7) along axis -2: rewards (..., T, E); values, masks, bad_masks
-    (..., T + 1, E). delta_t = r_t + gamma V_{t+1} m_{t+1} - V_t,
-    A_t = (delta_t + gamma lam m_{t+1} A_{t+1}) b_{t+1}. Returns A + V (the returns)."""
+    """GAE (docs/method.md §7) along axis -2: rewards (..., T, E); values,
+    masks, bad_masks (..., T + 1, E). delta_t = r_t + gamma V_{t+1}
+    m_{t+1} - V_t, A_t = (delta_t + gamma lam m_{t+1} A_{t+1}) b_{t+1}.
+    Returns A + V (the returns)."""
     advantages = torch.zeros_like(values[..., :-1, :])
     last = torch.zeros_like(values[..., 0, :])
     for t in reversed(range(rewards.shape[-2])):
@@ -930,9 +1003,10 @@ def gae(rewards, values, masks, bad_masks, gamma, lam):
 
 
 def compute_returns(args, buf, value_norm):
-    """Returns by GAE on the values de-normalised per agent; advantages R - V standardised over
-    the entries where the agent is alive (method §6). A bootstrapped timeout adds gamma
-    V(s_final) to its reward (--bootstrap-timeouts; the episode still ends there)."""
+    """Returns by GAE on the values de-normalised per agent; advantages R -
+    V standardised over the entries where the agent is alive
+    (method §6). A bootstrapped timeout adds gamma V(s_final) to its
+    reward (--bootstrap-timeouts; the episode still ends there)."""
     values = value_norm.denormalize(buf.values)
     final_values = value_norm.denormalize(buf.final_values)
     rewards = buf.rewards + args.gamma * buf.boot * final_values
@@ -946,9 +1020,11 @@ def compute_returns(args, buf, value_norm):
 
 
 def chunk_minibatches(data, T, chunk_length, num_minibatches):
-    """Every env's stream cut into chunks of `chunk_length` steps, shuffled into minibatches
-    (method §6): (N, T[+1], E, ...) -> (N, L, chunks, ...), (T[+1], E) -> (L, chunks), and a
-    hidden state (key ending in `_h`) -> the stored one at each chunk's start (N, chunks, H)."""
+    """Every env's stream cut into chunks of `chunk_length` steps, shuffled
+    into minibatches (method §6): (N, T[+1], E, ...) ->
+    (N, L, chunks, ...), (T[+1], E) -> (L, chunks), and a hidden state
+    (key ending in `_h`) -> the stored one at each chunk's start
+    (N, chunks, H)."""
     C = T // chunk_length
     chunked = {}
     for key, x in data.items():
@@ -969,13 +1045,15 @@ def chunk_minibatches(data, T, chunk_length, num_minibatches):
 
 # ==== 8. UPDATE ====
 def huber(x, delta):
-    """Symmetric Huber loss (FIX 2: the reference's is zero for x < -delta)."""
+    """Symmetric Huber loss (FIX 2: the reference's is zero for x <
+    -delta)."""
     return torch.where(x.abs() <= delta, 0.5 * x.pow(2), delta * (x.abs() - 0.5 * delta))
 
 
 def value_loss(args, critic, value_norm, mb, agents=None):
-    """Clipped Huber value loss (docs/method.md §5), in normalised units, over all steps:
-    mean max(Huber(norm(R) - V), Huber(norm(R) - V_clip)), V_clip = V_old + clip(V - V_old)."""
+    """Clipped Huber value loss (docs/method.md §5), in normalised units,
+    over all steps: mean max(Huber(norm(R) - V), Huber(norm(R) -
+    V_clip)), V_clip = V_old + clip(V - V_old)."""
     values, _ = critic(mb["state"], mb["critic_h"], mb["masks"], agents)
     target = value_norm.normalize(mb["returns"], agents)
     change = (values - mb["values"]).clamp(-args.value_clip_coef, args.value_clip_coef)
@@ -986,8 +1064,9 @@ def value_loss(args, critic, value_norm, mb, agents=None):
 
 
 def clip_and_step(optimizers, groups, max_norm):
-    """Clip each group's gradient norm on its own, then step every optimiser; returns the mean
-    pre-clip norm. A non-finite norm stops training before any step (never saves bad weights)."""
+    """Clip each group's gradient norm on its own, then step every
+    optimiser; returns the mean pre-clip norm. A non-finite norm stops
+    training before any step (never saves bad weights)."""
     norms = torch.stack([nn.utils.clip_grad_norm_(group, max_norm) for group in groups])
     if not torch.isfinite(norms).all():
         raise FloatingPointError("non-finite gradients")
@@ -997,10 +1076,11 @@ def clip_and_step(optimizers, groups, max_norm):
 
 
 def retrace_trace(deltas, rho, masks, bad_masks, gamma, lam, c_bar=1.0, lambda_squared=True):
-    """Trace (a) of docs/method.md §11, time-major: deltas, rho (T, ...); masks, bad_masks
-    (T + 1, ...). c_t = lam min(rho_t, c_bar) (KEEP 15: lam again on top of gamma lam;
-    --no-trace-lambda-squared: min(rho_t, c_bar)), A_T = 0,
-    A_t = b_{t+1} [delta_t + gamma lam m_{t+1} c_{t+1} A_{t+1}]. rho = 1: GAE(lam^2) (GAE(lam))."""
+    """Trace (a) of docs/method.md §11, time-major: deltas, rho (T, ...);
+    masks, bad_masks (T + 1, ...). c_t = lam min(rho_t, c_bar) (KEEP 15:
+    lam again on top of gamma lam; --no-trace-lambda-squared:
+    min(rho_t, c_bar)), A_T = 0, A_t = b_{t+1} [delta_t + gamma lam
+    m_{t+1} c_{t+1} A_{t+1}]. rho = 1: GAE(lam^2) (GAE(lam))."""
     T = deltas.shape[0]
     c = rho.clamp(max=c_bar) * (lam if lambda_squared else 1.0)
     advantages = torch.zeros_like(deltas)
@@ -1011,14 +1091,17 @@ def retrace_trace(deltas, rho, masks, bad_masks, gamma, lam, c_bar=1.0, lambda_s
 
 
 def speedup_trace(deltas, rho, masks, bad_masks, gamma, lam):
-    """Trace (b) of docs/method.md §11: A_t = sum_{k>=t} (gamma lam)^{k-t} C_{t,k}
-    prod_{j=t+1..k} m_j prod_{j=t..k} b_{j+1} delta_k, C_{t,t} = 1, C_{t,k} = min(1, rho_k
-    C_{t,k-1}); rho = 1 gives GAE(lam). O(T^2): vectorised over t, a loop over k."""
+    """Trace (b) of docs/method.md §11: A_t = sum_{k>=t} (gamma lam)^{k-t}
+    C_{t,k} prod_{j=t+1..k} m_j prod_{j=t..k} b_{j+1} delta_k, C_{t,t} =
+    1, C_{t,k} = min(1, rho_k C_{t,k-1}); rho = 1 gives GAE(lam).
+    O(T^2): vectorised over t, a loop over k."""
     advantages = torch.zeros_like(deltas)
-    weight = torch.zeros_like(deltas)  # row t: (gamma lam)^{k-t} prod m prod b; 0 until k = t
+    # row t: (gamma lam)^{k-t} prod m prod b; 0 until k = t
+    weight = torch.zeros_like(deltas)
     trace = torch.zeros_like(deltas)  # row t: C_{t,k}; 0 until k = t
     for k in range(deltas.shape[0]):
-        weight *= gamma * lam * masks[k] * bad_masks[k + 1]  # the masks are 0 or 1: exact
+        # the masks are 0 or 1: exact
+        weight *= gamma * lam * masks[k] * bad_masks[k + 1]
         trace = (rho[k] * trace).clamp(max=1.0)
         weight[k] = bad_masks[k + 1]
         trace[k] = 1.0
@@ -1027,9 +1110,11 @@ def speedup_trace(deltas, rho, masks, bad_masks, gamma, lam):
 
 
 def trace_deltas(args, buf, value_norm, i, last_value):
-    """Agent i's TD errors (T, E) for its trace, de-normalised with VN_i's statistics at the time
-    of the trace: delta_t = r_t + gamma b_t V(s_final) + gamma V_{t+1} m_{t+1} - V_t, V_t the
-    rollout's values, V_T = last_value (normalised, from the current critic), b_t = buf.boot[t]."""
+    """Agent i's TD errors (T, E) for its trace, de-normalised with VN_i's
+    statistics at the time of the trace: delta_t = r_t + gamma b_t
+    V(s_final) + gamma V_{t+1} m_{t+1} - V_t, V_t the rollout's values,
+    V_T = last_value (normalised, from the current critic), b_t =
+    buf.boot[t]."""
     value = value_norm.denormalize(torch.cat([buf.values[[i], :-1], last_value], 1), [i])[0]
     rewards = (
         buf.rewards + args.gamma * buf.boot * value_norm.denormalize(buf.final_values[[i]], [i])[0]
@@ -1038,16 +1123,17 @@ def trace_deltas(args, buf, value_norm, i, last_value):
 
 
 def clip_eps(args, position, n_agents):
-    """docs/method.md §11: eps_k = eps (w k / n + 1 - w), k the 1-based position, w
-    --clip-tuner-weight."""
+    """docs/method.md §11: eps_k = eps (w k / n + 1 - w), k the 1-based
+    position, w --clip-tuner-weight."""
     w = args.clip_tuner_weight
     return args.clip_coef * (w * position / n_agents + 1 - w)
 
 
 def agent_order(kind, scores):
-    """docs/method.md §11. semi_greedy: the highest score first, then alternately a uniformly
-    random and the highest of the remaining agents; greedy: by score; random: a uniform
-    permutation (HAPPO-like); cyclic: 0 ... n - 1."""
+    """docs/method.md §11. semi_greedy: the highest score first, then
+    alternately a uniformly random and the highest of the remaining
+    agents; greedy: by score; random: a uniform permutation
+    (HAPPO-like); cyclic: 0 ... n - 1."""
     if kind == "random":
         return torch.randperm(len(scores)).tolist()
     ranked = torch.argsort(scores, descending=True, stable=True).tolist()
@@ -1062,16 +1148,20 @@ def agent_order(kind, scores):
 
 @torch.no_grad()
 def policy_ratios(args, actor, data, agents, cache, stepwise):
-    """r_j of `agents` under their current policies over the whole batch, (len(agents), T * E) by
-    flat (t, env) index: pi_j(a) / pi_j,old(a) of the stored action, 1 where agent j is dead
-    (whatever log-prob is stored there). stepwise: one step at a time from the stored rollout
-    hidden states (KEEP 23, the reference's trace evaluation); else on the training chunks from
-    their stored start hidden states, as the surrogate sees them (FIX 10).
-    Evaluating the policies is most of the update's time, and an agent's ratio only changes when
-    a parameter its policy reads changes: the shared ones and its own group. PyTorch counts every
-    in-place change of a tensor (`_version`, e.g. optimizer.step()), so each ratio is kept in
-    `cache` with the versions of those parameters and computed again only when they differ; no
-    code elsewhere has to drop an entry after a step. `cache`: a dict, owned by this function."""
+    """r_j of `agents` under their current policies over the whole batch,
+    (len(agents), T * E) by flat (t, env) index: pi_j(a) / pi_j,old(a)
+    of the stored action, 1 where agent j is dead (whatever log-prob is
+    stored there). stepwise: one step at a time from the stored rollout
+    hidden states (KEEP 23, the reference's trace evaluation); else on
+    the training chunks from their stored start hidden states, as the
+    surrogate sees them (FIX 10). Evaluating the policies is most of the
+    update's time, and an agent's ratio only changes when a parameter
+    its policy reads changes: the shared ones and its own group. PyTorch
+    counts every in-place change of a tensor (`_version`, e.g.
+    optimizer.step()), so each ratio is kept in `cache` with the
+    versions of those parameters and computed again only when they
+    differ; no code elsewhere has to drop an entry after a step.
+    `cache`: a dict, owned by this function."""
     # each parameter's agent; None: a shared one, which every agent's policy reads
     owner = {id(p): j for j in range(actor.n_agents) for p in agent_parameters(actor, j, args)}
     params = [(owner.get(id(p)), p._version) for p in actor.parameters()]
@@ -1104,10 +1194,11 @@ def policy_ratios(args, actor, data, agents, cache, stepwise):
 
 @torch.no_grad()
 def trace_agent(args, models, buf, data, i, agents, cache, returns, stats):
-    """docs/method.md §11: agent i's returns re-estimated with rho_t = prod_{j in agents} r_j,
-    V_T from the current critic, all de-normalised with VN_i's statistics now; then every agent's
-    advantages R - V standardised over the entries where the agent is alive (as compute_returns).
-    Returns new returns and advantages."""
+    """docs/method.md §11: agent i's returns re-estimated with rho_t =
+    prod_{j in agents} r_j, V_T from the current critic, all
+    de-normalised with VN_i's statistics now; then every agent's
+    advantages R - V standardised over the entries where the agent is
+    alive (as compute_returns). Returns new returns and advantages."""
     actor, critic, value_norm = models
     last_value, _ = critic(buf.state[[i], -1:], buf.critic_h[[i], -1], buf.masks[-1:], [i])
     deltas, value = trace_deltas(args, buf, value_norm, i, last_value)
@@ -1118,21 +1209,25 @@ def trace_agent(args, models, buf, data, i, agents, cache, returns, stats):
         traced = speedup_trace(deltas, rho, *trace)
     else:
         traced = retrace_trace(deltas, rho, *trace, args.trace_clip, args.trace_lambda_squared)
-    returns = returns.clone()  # a new tensor: the caller's is left as it was
+    # a new tensor: the caller's is left as it was
+    returns = returns.clone()
     returns[i] = traced + value[:-1]
     gaps = returns - value_norm.denormalize(buf.values[:, :-1])
     active = gaps[buf.active[:, :-1] > 0]
     advantages = (gaps - active.mean()) / (active.std(correction=0) + 1e-5)
     stats["a2po/trace_rho_mean"].append(rho.mean().item())
     stats["a2po/trace_trunc_frac"].append((rho > args.trace_clip).float().mean().item())
-    gap = advantages[i] - data["advantages"][i]  # from the rollout's GAE advantages
+    # from the rollout's GAE advantages
+    gap = advantages[i] - data["advantages"][i]
     stats["a2po/trace_adv_gap"].append(gap.abs().mean().item())
     return returns, advantages
 
 
 def critic_step(args, critic, value_norm, critic_optim, mb, i, stats):
-    """One critic step on agent i's rows of the minibatch, its loss / n (KEEP 30)."""
-    value_norm.update(mb["returns"], [i])  # agent i's normaliser first takes them (reference)
+    """One critic step on agent i's rows of the minibatch, its loss / n
+    (KEEP 30)."""
+    # agent i's normaliser first takes them (reference)
+    value_norm.update(mb["returns"], [i])
     critic_loss = value_loss(args, critic, value_norm, mb, [i]) / critic.n_agents
     critic_optim.zero_grad()
     (args.vf_coef * critic_loss).backward()
@@ -1143,15 +1238,18 @@ def critic_step(args, critic, value_norm, critic_optim, mb, i, stats):
 
 
 def turn(args, phase, models, optimizers, data, i, others, eps, cache, stats):
-    """Agent i's turn (docs/method.md §11) on its rows of `data`: its epochs (ppo loop: one), each
-    [--two-stage: a critic-only pass over its minibatches, then] per minibatch an actor step on
-    the clipped surrogate of its ratio times the others' clipped product, and a critic step. Phase
-    ps steps the shared optimiser (agent i's loss / n); lora and nps only agent i's own, so that
-    only agent i's policy changes in its turn. Policy loss and entropy are means over the steps
-    where agent i is alive (active masks)."""
+    """Agent i's turn (docs/method.md §11) on its rows of `data`: its
+    epochs (ppo loop: one), each [--two-stage: a critic-only pass over
+    its minibatches, then] per minibatch an actor step on the clipped
+    surrogate of its ratio times the others' clipped product, and a
+    critic step. Phase ps steps the shared optimiser
+    (agent i's loss / n); lora and nps only agent i's own, so that only
+    agent i's policy changes in its turn. Policy loss and entropy are
+    means over the steps where agent i is alive (active masks)."""
     actor, critic, value_norm = models
     actor_optims, actor_groups, critic_optim = optimizers
-    k = 0 if phase == "ps" else i  # the optimiser that steps: the shared one, or agent i's
+    # the optimiser that steps: the shared one, or agent i's
+    k = 0 if phase == "ps" else i
     turn_data = {key: x[[i]] if x.dim() > 2 else x for key, x in data.items()}
     for _ in range(1 if args.a2po_loop == "ppo" else args.update_epochs):
         minibatches = list(
@@ -1167,10 +1265,12 @@ def turn(args, phase, models, optimizers, data, i, others, eps, cache, stats):
             log_prob = log_probs.gather(-1, mb["actions"][..., None])[..., 0]
             log_ratio = log_prob - mb["logprobs"]
             ratio = log_ratio.exp()
-            if others:  # FIX 10: times the other agents' current ratios on the same samples
+            # FIX 10: times the other agents' current ratios on the same samples
+            if others:
                 product = policy_ratios(args, actor, data, others, cache, False).prod(0)[mb["step"]]
                 stats["others_ratio"].append(product.flatten())
-                clip = args.others_clip_coef  # the product is clipped as a whole
+                # the product is clipped as a whole
+                clip = args.others_clip_coef
                 ratio = ratio * product.clamp(1 - clip, 1 + clip)
             advantage = mb["advantages"]
             surrogate = torch.min(ratio * advantage, ratio.clamp(1 - eps, 1 + eps) * advantage)
@@ -1182,7 +1282,8 @@ def turn(args, phase, models, optimizers, data, i, others, eps, cache, stats):
             entropy = -(log_probs.exp() * log_probs).sum(-1) * active
             loss = policy_loss - args.ent_coef * entropy.sum() / count
             actor_optims[k].zero_grad()
-            (loss / actor.n_agents if phase == "ps" else loss).backward()  # ps: / n (reference)
+            # ps: / n (reference)
+            (loss / actor.n_agents if phase == "ps" else loss).backward()
             stats["losses/actor_grad_norm"].append(
                 clip_and_step([actor_optims[k]], [actor_groups[k]], args.max_grad_norm)
             )
@@ -1198,28 +1299,34 @@ def turn(args, phase, models, optimizers, data, i, others, eps, cache, stats):
 
 
 def update(args, phase, actor, critic, value_norm, optimizers, buf, returns, advantages):
-    """A2PO (docs/method.md §11): the agents take turns in a semi-greedy order. Agent i at position
-    k maximises the clipped surrogate of r_i clip(prod_{j in others} r_j, 1 +- eps_o) with the
-    clip eps_k, on advantages re-traced with the ratios of the agents updated so far; the shared
-    critic steps on agent i's rows in its turn. A dead agent's step (active mask 0) is ratio 1 in
-    the products and the traces and adds nothing to the policy loss or the entropy; advantages
-    are standardised over the active entries, the order score and the value loss take every
-    step (the reference)."""
+    """A2PO (docs/method.md §11): the agents take turns in a semi-greedy
+    order. Agent i at position k maximises the clipped surrogate of r_i
+    clip(prod_{j in others} r_j, 1 +- eps_o) with the clip eps_k, on
+    advantages re-traced with the ratios of the agents updated so far;
+    the shared critic steps on agent i's rows in its turn. A dead
+    agent's step (active mask 0) is ratio 1 in the products and the
+    traces and adds nothing to the policy loss or the entropy;
+    advantages are standardised over the active entries, the order score
+    and the value loss take every step (the reference)."""
     N = actor.n_agents
     models = (actor, critic, value_norm)
     # the rollout's batch, its GAE advantages, and each (t, env)'s flat index (a minibatch's
     # look-up of the cached ratios)
     keys = ("obs", "state", "actor_h", "critic_h", "masks", "actions", "logprobs", "values")
-    data = {key: getattr(buf, key) for key in keys + ("avail", "active")}  # StarCraft's masks
+    # StarCraft's masks
+    data = {key: getattr(buf, key) for key in keys + ("avail", "active")}
     data.update(advantages=advantages, step=torch.arange(buf.rewards.numel()).view_as(buf.rewards))
-    normalised = buf.values[:, :-1]  # KEEP 24: the order score |A / V| with normalised V
+    # KEEP 24: the order score |A / V| with normalised V
+    normalised = buf.values[:, :-1]
     scores = (advantages / torch.where(normalised == 0, 1e-8, normalised)).abs().mean((1, 2))
     traced = returns  # the returns re-estimated so far (none yet: GAE's)
     cache, stats = {}, defaultdict(list)
-    values = value_norm.denormalize(buf.values[:, :-1])  # before the update changes VN
+    # before the update changes VN
+    values = value_norm.denormalize(buf.values[:, :-1])
     stats["losses/explained_variance"] = [(1 - (returns - values).var() / returns.var()).item()]
     ppo_loop = args.a2po_loop == "ppo"
-    for epoch in range(args.update_epochs if ppo_loop else 1):  # agent loop: epochs in turn()
+    # agent loop: epochs in turn()
+    for epoch in range(args.update_epochs if ppo_loop else 1):
         # ppo loop: each later epoch first re-traces every agent with all agents' ratios
         for j in range(N) if epoch > 0 else []:
             traced, advantages = trace_agent(
@@ -1227,7 +1334,8 @@ def update(args, phase, actor, critic, value_norm, optimizers, buf, returns, adv
             )
         order = agent_order(args.a2po_order, scores)
         for position, i in enumerate(order, start=1):
-            if position > 1:  # agent i's advantages under the agents updated so far (and its own)
+            # agent i's advantages under the agents updated so far (and its own)
+            if position > 1:
                 traced, advantages = trace_agent(
                     args, models, buf, data, i, order[:position], cache, traced, stats
                 )
@@ -1243,7 +1351,8 @@ def update(args, phase, actor, critic, value_norm, optimizers, buf, returns, adv
                 data, advantages=advantages, returns=traced if args.approx_trace else returns
             )
             turn(args, phase, models, optimizers, turn_data, i, others, eps, cache, stats)
-            stats[f"a2po/order_pos/agent_{i}"] = [position]  # the last epoch's
+            # the last epoch's
+            stats[f"a2po/order_pos/agent_{i}"] = [position]
             stats[f"a2po/clip_eps/pos_{position}"] = [eps]
     if "others_ratio" in stats:  # over every sample of every minibatch
         product = torch.cat(stats.pop("others_ratio"))
@@ -1254,15 +1363,17 @@ def update(args, phase, actor, critic, value_norm, optimizers, buf, returns, adv
 
 # ==== 9. EVALUATION ====
 def eval_seeds(args):
-    """The eval envs' own seed stream, the same at every evaluation (docs/method.md §8)."""
+    """The eval envs' own seed stream, the same at every evaluation
+    (docs/method.md §8)."""
     return [args.seed * 50000 + 10000 * k for k in range(args.eval_episodes)]
 
 
 @torch.inference_mode()
 def evaluate(args, actor, envs):
-    """Greedy evaluation: exactly --eval-episodes episodes, shared out evenly over the eval envs
-    (each plays its share in turn). win_rate: the fraction won, from each episode's win flag (a
-    timeout or a StarCraft II restart is a loss)."""
+    """Greedy evaluation: exactly --eval-episodes episodes, shared out
+    evenly over the eval envs (each plays its share in turn). win_rate:
+    the fraction won, from each episode's win flag (a timeout or a
+    StarCraft II restart is a loss)."""
     n = envs.num_envs
     share = [args.eval_episodes // n + (k < args.eval_episodes % n) for k in range(n)]
     remaining = np.array(share)
@@ -1273,7 +1384,8 @@ def evaluate(args, actor, envs):
     episode_return = np.zeros(n)
     episode_length = np.zeros(n)
     episodes = []
-    with merged_weights(actor):  # each agent's weights once per evaluation, not per step
+    # each agent's weights once per evaluation, not per step
+    with merged_weights(actor):
         while remaining.any():
             obs, avail = (
                 torch.as_tensor(obs[k]).transpose(0, 1)[:, None] for k in ("obs", "avail")
@@ -1293,7 +1405,8 @@ def evaluate(args, actor, envs):
             episode_length[done] = 0
             # a new episode starts from h = 0
             masks = torch.as_tensor(~done, device=device)[None].float()
-            if done.any() and remaining.any():  # every finished env plays on: all step together
+            # every finished env plays on: all step together
+            if done.any() and remaining.any():
                 obs, _ = envs.reset(options={"reset_mask": done})
     won, returns, lengths = np.array(episodes, dtype=np.float64).T
     return dict(
@@ -1315,13 +1428,15 @@ def log_evaluation(writer, args, actor, envs, global_step):
 
 
 # ==== 10. CHECKPOINTS ====
-CHECKPOINT_FORMAT = 2  # checkpoints of earlier versions of the scripts are refused
+# checkpoints of earlier versions of the scripts are refused
+CHECKPOINT_FORMAT = 2
 
 
 def load_checkpoint(args):
-    """Read --checkpoint, one line if it is not a checkpoint of these scripts. --resume and
-    --eval-only take its task and settings, and from the command line a few flags (--resume: a
-    longer run; --eval-only: seed and episodes)."""
+    """Read --checkpoint, one line if it is not a checkpoint of these
+    scripts. --resume and --eval-only take its task and settings, and
+    from the command line a few flags (--resume: a longer run;
+    --eval-only: seed and episodes)."""
     if args.checkpoint is None:
         if args.resume or args.eval_only:
             flag = "resume" if args.resume else "eval-only"
@@ -1337,10 +1452,12 @@ def load_checkpoint(args):
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
         fail(f"--checkpoint {args.checkpoint!r} was written by an earlier version of the scripts")
     if args.resume or args.eval_only:
-        keep = ["cuda", "threads", "checkpoint", "resume", "eval_only", "run_dir"]
+        keep = ["cuda", "threads", "checkpoint", "resume", "eval_only", "run_dir", "track"]
+        keep += ["wandb_project_name", "wandb_entity"]
         if args.eval_only:
             keep += ["seed", "eval_episodes"]
-        elif args.total_timesteps != Args.total_timesteps:  # a longer run (not the default)
+        elif args.total_timesteps != Args.total_timesteps:
+            # a longer run (not the default)
             keep += ["total_timesteps"]
         saved = {k: v for k, v in checkpoint["args"].items() if k in Args.__dataclass_fields__}
         args = Args(**{**saved, **{key: getattr(args, key) for key in keep}})
@@ -1348,7 +1465,8 @@ def load_checkpoint(args):
 
 
 def check_checkpoint(args, checkpoint):
-    """One line if the checkpoint is of another task or shape, or one this mode cannot load."""
+    """One line if the checkpoint is of another task or shape, or one this
+    mode cannot load."""
     saved = checkpoint["args"]
     for key in TASK_KEYS:
         if saved[key] != getattr(args, key):
@@ -1375,8 +1493,9 @@ def check_checkpoint(args, checkpoint):
 
 
 def load_weights(args, checkpoint, actor, critic, value_norm, critic_optim):
-    """Load a checkpoint's networks; returns the phase, step and iteration to go on from. A ps
-    checkpoint gives the shared weights only: this run's adapters keep their init (dW = 0)."""
+    """Load a checkpoint's networks; returns the phase, step and iteration
+    to go on from. A ps checkpoint gives the shared weights only: this
+    run's adapters keep their init (dW = 0)."""
     from_ps = checkpoint["phase"] == "ps"
     actor_state = {k: v for k, v in checkpoint["actor"].items() if not (from_ps and "lora_" in k)}
     actor.load_state_dict(actor_state, strict=not from_ps)
@@ -1386,18 +1505,20 @@ def load_weights(args, checkpoint, actor, critic, value_norm, critic_optim):
     global_step = checkpoint["global_step"]  # the x-axis continues
     if args.resume:
         return checkpoint["phase"], global_step, checkpoint["iteration"]
-    phase = "lora" if args.share_mode == "lorasa" else checkpoint["phase"]  # lora at once
+    # lora at once
+    phase = "lora" if args.share_mode == "lorasa" else checkpoint["phase"]
     return phase, global_step, global_step // args.batch_size
 
 
 def make_run_dir(args):
-    """A new run folder under --run-dir (never an existing one), or with --resume the
-    checkpoint's own; one line if it cannot be written."""
+    """A new run folder under --run-dir (never an existing one), or with
+    --resume the checkpoint's own; one line if it cannot be written."""
     name = f"{args.task}__{args.exp_name}__{args.share_mode}-r{args.rank}__{args.seed}"
     path = os.path.join(args.run_dir, f"{name}__{int(time.time())}")
     if args.resume:
         path = os.path.dirname(os.path.abspath(args.checkpoint))
-    while not args.resume and os.path.exists(path):  # a run of the same name in the same second
+    # a run of the same name in the same second
+    while not args.resume and os.path.exists(path):
         path += "+"
     try:
         os.makedirs(path, exist_ok=args.resume)
@@ -1410,8 +1531,8 @@ def make_run_dir(args):
 
 
 def adapters_only(actor):
-    """Per adapted layer A (N, r, in), B (N, out, r), bias (N, out) and scaling: what phase lora
-    learned, for use outside these scripts."""
+    """Per adapted layer A (N, r, in), B (N, out, r), bias (N, out) and
+    scaling: what phase lora learned, for use outside these scripts."""
     adapters = {}
     for name, module in actor.named_modules():
         if isinstance(module, LoRALinear) and module.rank:
@@ -1422,9 +1543,9 @@ def adapters_only(actor):
 
 
 def save_checkpoint(path, args, progress, actor, critic, value_norm, optimizers):
-    """Write checkpoint.pt atomically (a temporary file, then a rename), in phase lora with
-    adapters.pt beside it; refuses non-finite weights. `progress`: phase, global_step, iteration
-    and the package versions."""
+    """Write checkpoint.pt atomically (a temporary file, then a rename), in
+    phase lora with adapters.pt beside it; refuses non-finite weights.
+    `progress`: phase, global_step, iteration and the package versions."""
     actor_optims, _, critic_optim = optimizers
     payload = dict(format=CHECKPOINT_FORMAT, args=dataclasses.asdict(args), **progress)
     payload.update(actor=actor.state_dict(), critic=critic.state_dict())
@@ -1446,8 +1567,8 @@ def save_checkpoint(path, args, progress, actor, critic, value_norm, optimizers)
 
 
 class CtrlC:
-    """First Ctrl-C: the iteration finishes, a checkpoint is saved, exit 130 (no half-applied
-    update is saved). Second Ctrl-C: quit at once."""
+    """First Ctrl-C: the iteration finishes, a checkpoint is saved, exit
+    130 (no half-applied update is saved). Second Ctrl-C: quit at once."""
 
     def __init__(self):
         self.pressed = False
@@ -1460,8 +1581,27 @@ class CtrlC:
         print("Ctrl-C: finishing the iteration, then saving (again: quit now)", file=sys.stderr)
 
 
+def track_run(args, run_path):
+    """--track: Weights & Biases follows the run, as in CleanRL: it syncs
+    the TensorBoard events; its config is the effective arguments; its
+    files go to <run dir>/wandb/."""
+    import wandb
+
+    wandb.init(
+        project=args.wandb_project_name,
+        entity=args.wandb_entity or None,
+        sync_tensorboard=True,
+        config=vars(args),
+        name=os.path.basename(run_path),
+        # beside the run folders, not inside one: W&B copies the events it syncs into its own
+        dir=args.run_dir,
+        save_code=True,
+    )
+
+
 def log_start(writer, args, actor, critic, global_step):
-    """The effective arguments and versions (printed and in TensorBoard), and the sizes."""
+    """The effective arguments and versions (printed and in TensorBoard),
+    and the sizes."""
     packages = ["torch", "tyro", "jax", "jaxmarl"]
     versions = {}
     if args.env_backend == "sc2":
@@ -1500,7 +1640,8 @@ def log_iteration(writer, args, iteration, phase, actor, groups, stats, finished
         stats["charts/episodic_return"] = returns.mean()
         stats["charts/episodic_length"] = lengths.mean()
         stats["charts/win_rate"] = won.mean()
-    with torch.no_grad():  # how far each agent moved from the shared weights: sum ||s B_i A_i||_F
+    # how far each agent moved from the shared weights: sum ||s B_i A_i||_F
+    with torch.no_grad():
         adapted = [m for m in actor.modules() if isinstance(m, LoRALinear) and m.lora_on]
         deltas = [m.scaling * torch.bmm(stack(m.lora_B), stack(m.lora_A)) for m in adapted]
         for i in range(actor.n_agents):
@@ -1515,7 +1656,8 @@ def log_iteration(writer, args, iteration, phase, actor, groups, stats, finished
 
 
 def resume_training(checkpoint, actor_optims, device):
-    """--resume: the actor optimisers' states and the RNG the training loop draws from."""
+    """--resume: the actor optimisers' states and the RNG the training loop
+    draws from."""
     for optimizer, state in zip(actor_optims, checkpoint["actor_optim"]):
         optimizer.load_state_dict(state)
     torch.set_rng_state(checkpoint["rng"]["torch"])
@@ -1528,7 +1670,8 @@ if __name__ == "__main__":
     args = tyro.cli(Args, default=Args(**task_defaults(sys.argv[1:])))
     args, checkpoint = load_checkpoint(args)
     args = finalize_args(args)
-    resolve_backend(args)  # a bad --map or a broken game fails here, before anything is started
+    # a bad --map or a broken game fails here, before anything is started
+    resolve_backend(args)
     if checkpoint is not None:
         check_checkpoint(args, checkpoint)
 
@@ -1573,6 +1716,9 @@ if __name__ == "__main__":
     run_path = make_run_dir(args)
     from torch.utils.tensorboard import SummaryWriter
 
+    if args.track:
+        # before the writer: W&B hooks into TensorBoard's
+        track_run(args, run_path)
     writer = SummaryWriter(run_path)
     versions = log_start(writer, args, actor, critic, global_step)
     buf = RolloutBuffer(args, n_agents, obs_dim, state_dim, n_actions, device)
@@ -1581,7 +1727,8 @@ if __name__ == "__main__":
     ctrl_c = CtrlC()
 
     def save(name):
-        """The training state now, as <run folder>/<name>; None with --no-save-model."""
+        """The training state now, as <run folder>/<name>; None with
+        --no-save-model."""
         if not args.save_model:
             return None
         progress = dict(phase=phase, global_step=global_step, iteration=iteration)
@@ -1630,6 +1777,9 @@ if __name__ == "__main__":
         if ctrl_c.pressed:
             save("checkpoint.pt")
             print(f"interrupted: checkpoint of step {global_step} in {run_path}", file=sys.stderr)
+    except GameError as error:
+        # StarCraft II failed in the run, e.g. a relaunch after a restart
+        fail(f"{launch_problem(error)}; the last checkpoint is {last_checkpoint}")
     except FloatingPointError as error:
         last = last_checkpoint or "none (--no-save-model, or none written yet)"
         diverged = f"training diverged at step {global_step} ({error})"

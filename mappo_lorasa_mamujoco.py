@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import dataclasses
 import importlib.metadata
+import importlib.util
 import math
 import multiprocessing
 import os
@@ -39,8 +40,10 @@ import torch.nn.functional as F
 import tyro
 
 # ==== 3. ARGS ====
-LayerName = Literal["fc1", "fc2a", "fc2b", "gru_x", "gru_h", "fc_post", "head"]  # method §2
-BUILTIN_CONFS = {  # MuJoCo tasks and their built-in agent partitions (gymnasium-robotics 1.4.2)
+# the seven layers that can carry adapters (docs/method.md §2)
+LayerName = Literal["fc1", "fc2a", "fc2b", "gru_x", "gru_h", "fc_post", "head"]
+# MuJoCo tasks and their built-in agent partitions (gymnasium-robotics 1.4.2)
+BUILTIN_CONFS = {
     "HalfCheetah": ("2x3", "6x1"),
     "Ant": ("2x4", "2x4d", "4x2"),
     "Walker2d": ("2x3",),
@@ -65,6 +68,9 @@ class Args:
     checkpoint: Optional[str] = None  # start from this checkpoint.pt (ps checkpoint: lora at once)
     resume: bool = False  # with --checkpoint: continue that run (folder, steps, optimisers, RNG)
     eval_only: bool = False  # with --checkpoint: evaluate its policy, print, write nothing
+    track: bool = False  # follow the run in Weights & Biases (pip install wandb==0.23.1)
+    wandb_project_name: str = "lorasa"  # the W&B project of --track
+    wandb_entity: str = ""  # the W&B team of --track ("": your default entity)
 
     total_timesteps: int = 12_000_000  # env steps of the whole run (--resume: may extend it)
     num_envs: int = 16  # parallel training envs
@@ -131,7 +137,8 @@ def fail(message):
 
 
 def task_defaults(argv):
-    """The TASK_DEFAULTS of the task named in argv (read before tyro, so --help shows them)."""
+    """The TASK_DEFAULTS of the task named in argv (read before tyro, so
+    --help shows them)."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--scenario", default=Args.scenario)
     parser.add_argument("--agent-conf", default=Args.agent_conf)
@@ -141,7 +148,8 @@ def task_defaults(argv):
 
 
 def check(valid, key, args, accepted, problem="is invalid"):
-    """One line naming the flag, its value and the accepted ones, unless `valid`."""
+    """One line naming the flag, its value and the accepted ones, unless
+    `valid`."""
     if not valid:
         flag = "--" + key.replace("_", "-")
         fail(f"{flag} {getattr(args, key)} {problem}; accepted: {accepted}")
@@ -153,7 +161,8 @@ huber_delta adam_eps hidden_size eval_interval eval_episodes rank lora_alpha max
 
 
 def finalize_args(args):
-    """Derive the sizes and check every value, one line for a bad one, before anything is built."""
+    """Derive the sizes and check every value, one line for a bad one,
+    before anything is built."""
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)
     if args.lora_start is None:
@@ -167,7 +176,8 @@ def finalize_args(args):
     chunk = f"multiples of --data-chunk-length {args.data_chunk_length}"
     check(args.num_steps % args.data_chunk_length == 0, "num_steps", args, chunk)
     view = f"local{args.agent_obsk}" if args.obs_mode == "local_k" else "global"
-    args.task = f"{args.scenario}-{args.agent_conf.replace('|', '_')}-{view}"  # in the run name
+    # in the run name
+    args.task = f"{args.scenario}-{args.agent_conf.replace('|', '_')}-{view}"
     args.batch_size = args.num_envs * args.num_steps
     args.num_iterations = args.total_timesteps // args.batch_size
     below = "is below one iteration"
@@ -176,6 +186,8 @@ def finalize_args(args):
     check(args.num_minibatches <= chunks, "num_minibatches", args, f"<= {chunks}")
     span = f"0 ... --total-timesteps ({args.total_timesteps})"
     check(0 <= args.lora_start <= args.total_timesteps, "lora_start", args, span)
+    if args.track and importlib.util.find_spec("wandb") is None:
+        fail("--track needs wandb, which is not installed: pip install wandb==0.23.1")
     return args
 
 
@@ -188,8 +200,9 @@ WALKER2D_3X2 = (
 
 
 def import_mamujoco():
-    """Import MaMuJoCo quietly: its import prints a banner to stderr, and MuJoCo writes its
-    `settotalmass` warning to MUJOCO_LOG.TXT in the working directory unless a handler is set."""
+    """Import MaMuJoCo quietly: its import prints a banner to stderr, and
+    MuJoCo writes its `settotalmass` warning to MUJOCO_LOG.TXT in the
+    working directory unless a handler is set."""
     import mujoco
 
     def on_mujoco_warning(message):
@@ -204,7 +217,8 @@ def import_mamujoco():
 
 
 def custom_partition(scenario, agent_conf, get_parts_and_edges):
-    """Walker2d 3x2 (the reference's) or one actuated joint per agent, e.g. HalfCheetah 6x1."""
+    """Walker2d 3x2 (the reference's) or one actuated joint per agent, e.g.
+    HalfCheetah 6x1."""
     parts, edges, global_nodes = get_parts_and_edges(scenario, None)
     nodes = {node.label: node for node in parts[0]}
     groups = {f"{len(nodes)}x1": [(label,) for label in nodes]}
@@ -218,9 +232,11 @@ def custom_partition(scenario, agent_conf, get_parts_and_edges):
 
 
 class MaMuJoCoEnv(gym.Env):
-    """One `mamujoco_v1.parallel_env` as a gymnasium.Env. Observation: "obs" (N, obs_dim) =
-    [obs_i zero-padded, one-hot(i)], "state" (N, state_dim) = [state(), one-hot(i)], float32.
-    Action (N, act_dim) in [-1, 1], padded to the largest agent. Reward: the shared team reward."""
+    """One `mamujoco_v1.parallel_env` as a gymnasium.Env. Observation:
+    "obs" (N, obs_dim) = [obs_i zero-padded, one-hot(i)], "state"
+    (N, state_dim) = [state(), one-hot(i)], float32. Action (N, act_dim)
+    in [-1, 1], padded to the largest agent. Reward: the shared team
+    reward."""
 
     def __init__(
         self, scenario, agent_conf, agent_obsk=1, obs_mode="local_k", max_episode_steps=1000
@@ -252,7 +268,8 @@ class MaMuJoCoEnv(gym.Env):
         self.act_sizes = [space.shape[0] for space in spaces]
         self.action_dims = np.zeros((n, max(self.act_sizes)), np.float32)
         for i, size in enumerate(self.act_sizes):
-            self.action_dims[i, :size] = 1  # 1 on the agent's real dims, 0 on padding (FIX 12)
+            # 1 on the agent's real dims, 0 on padding (FIX 12)
+            self.action_dims[i, :size] = 1
         self.observation_space = gym.spaces.Dict(
             obs=gym.spaces.Box(-np.inf, np.inf, self.obs.shape, np.float32),
             state=gym.spaces.Box(-np.inf, np.inf, self.state.shape, np.float32),
@@ -265,7 +282,8 @@ class MaMuJoCoEnv(gym.Env):
         for i, agent in enumerate(self.agents):
             agent_obs = state if self.global_obs else obs[agent]
             self.obs[i, : len(agent_obs)] = agent_obs
-        return dict(obs=self.obs, state=self.state)  # the vector env copies them
+        # the vector env copies them
+        return dict(obs=self.obs, state=self.state)
 
     def reset(self, seed=None, options=None):
         obs, _ = self.env.reset(seed=seed)
@@ -273,12 +291,14 @@ class MaMuJoCoEnv(gym.Env):
 
     def step(self, action):
         actions = {}
-        for i, agent in enumerate(self.agents):  # drop the padding, map onto the bounds
+        # drop the padding, map onto the bounds
+        for i, agent in enumerate(self.agents):
             space = self.env.action_space(agent)
             a = action[i, : self.act_sizes[i]]
             actions[agent] = space.low + (a + 1) * (space.high - space.low) / 2
         obs, rewards, terminations, truncations, _ = self.env.step(actions)
-        first = self.agents[0]  # reward and flags are the same for every agent
+        # reward and flags are the same for every agent
+        first = self.agents[0]
         reward = float(rewards[first])
         return self.observe(obs), reward, terminations[first], truncations[first], {}
 
@@ -290,16 +310,19 @@ def make_env(args):
 
 
 def make_worker_env(args):
-    """An env in an AsyncVectorEnv worker process, which leaves Ctrl-C to the main process: a
-    terminal sends SIGINT to every process of the group, and the main one saves before it exits."""
-    if multiprocessing.parent_process() is not None:  # not the vector env's probe in this process
+    """An env in an AsyncVectorEnv worker process, which leaves Ctrl-C to
+    the main process: a terminal sends SIGINT to every process of the
+    group, and the main one saves before it exits."""
+    # not the vector env's probe in this process
+    if multiprocessing.parent_process() is not None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     return make_env(args)
 
 
 def make_envs(args, seeds):
-    """Gymnasium's vector env without autoreset (the rollout resets finished envs itself, after
-    keeping their final state), and its first observation."""
+    """Gymnasium's vector env without autoreset (the rollout resets
+    finished envs itself, after keeping their final state), and its
+    first observation."""
     no_autoreset = gym.vector.AutoresetMode.DISABLED
     if args.async_envs:
         env_fns = [lambda: make_worker_env(args)] * len(seeds)
@@ -313,13 +336,15 @@ def make_envs(args, seeds):
 
 # ==== 5. LAYERS ====
 def stack(params, agents=None):
-    """Per-agent tensors of a ParameterList stacked on a leading agent axis (all, or `agents`)."""
+    """Per-agent tensors of a ParameterList stacked on a leading agent axis
+    (all, or `agents`)."""
     return torch.stack([params[i] for i in (range(len(params)) if agents is None else agents)])
 
 
 def agent_linear(x, weight, bias):
-    """x (n, ..., in) times one shared weight (out, in), bias (out,), or times each agent's own
-    weight (n, out, in), bias (n, 1, out): all agents in one batched matmul."""
+    """x (n, ..., in) times one shared weight (out, in), bias (out,), or
+    times each agent's own weight (n, out, in), bias (n, 1, out): all
+    agents in one batched matmul."""
     if weight.dim() == 2:
         return F.linear(x, weight, bias)
     y = torch.baddbmm(bias, x.flatten(1, -2), weight.mT)
@@ -327,11 +352,13 @@ def agent_linear(x, weight, bias):
 
 
 class LoRALinear(nn.Module):
-    """A linear layer shared by all agents plus one low-rank adapter per agent (docs/method.md §3):
-    y_i = x (W0 + s B_i A_i)^T + b0 + beta_i, A_i (r, in), B_i (out, r), s = alpha / r.
-    Before the switch (`lora_on` False) it is the shared layer alone; rank 0: never adapted.
-    Each agent's A_i, B_i, beta_i are tensors of their own, so that each agent's optimiser and
-    gradient clip see only its own (FIX 5)."""
+    """A linear layer shared by all agents plus one low-rank adapter per
+    agent (docs/method.md §3): y_i = x (W0 + s B_i A_i)^T + b0 + beta_i,
+    A_i (r, in), B_i (out, r), s = alpha / r. Before the switch
+    (`lora_on` False) it is the shared layer alone; rank 0: never
+    adapted. Each agent's A_i, B_i, beta_i are tensors of their own, so
+    that each agent's optimiser and gradient clip see only its own
+    (FIX 5)."""
 
     def __init__(self, n_in, n_out, n_agents, gain, rank, alpha, init, generator):
         super().__init__()
@@ -344,7 +371,8 @@ class LoRALinear(nn.Module):
         agents = range(n_agents if rank else 0)
         self.lora_A = nn.ParameterList([torch.zeros(rank, n_in) for _ in agents])
         self.lora_B = nn.ParameterList([torch.zeros(n_out, rank) for _ in agents])
-        self.lora_bias = nn.ParameterList([torch.zeros(n_out) for _ in agents])  # KEEP 18
+        # a per-agent bias beside the adapter, trained with --train-agent-bias (KEEP 18)
+        self.lora_bias = nn.ParameterList([torch.zeros(n_out) for _ in agents])
         # KEEP 16: the reference draws B (A = 0), the LoRA paper A (B = 0): both start at dW = 0.
         # Drawn from the adapters' own generator, so that a lorasa run equals the ps run of its
         # seed until the switch (FIX 29).
@@ -352,8 +380,9 @@ class LoRALinear(nn.Module):
             nn.init.kaiming_uniform_(tensor, a=math.sqrt(5), generator=generator)
 
     def weights(self, agents=None):
-        """The (W, b) the agents act with: the shared (out, in), (out,) before the switch; after it
-        W_i = W0 + s B_i A_i (n, out, in) and b_i = b0 + beta_i (n, 1, out), computed per call."""
+        """The (W, b) the agents act with: the shared (out, in), (out,)
+        before the switch; after it W_i = W0 + s B_i A_i (n, out, in)
+        and b_i = b0 + beta_i (n, 1, out), computed per call."""
         if self.merged is not None:
             return self.merged if agents is None else [w[agents] for w in self.merged]
         if not self.lora_on:
@@ -367,7 +396,8 @@ class LoRALinear(nn.Module):
 
 
 class AgentLinear(nn.Module):
-    """One independent linear layer per agent, for the nps baseline: y_i = x W_i^T + b_i."""
+    """One independent linear layer per agent, for the nps baseline: y_i =
+    x W_i^T + b_i."""
 
     def __init__(self, n_in, n_out, n_agents, gain):
         super().__init__()
@@ -386,7 +416,8 @@ class AgentLinear(nn.Module):
 
 
 class SharedLayerNorm(nn.LayerNorm):
-    """nn.LayerNorm (never adapted, frozen in phase lora), called like the per-agent layers."""
+    """nn.LayerNorm (never adapted, frozen in phase lora), called like the
+    per-agent layers."""
 
     def forward(self, x, agents=None):
         return super().forward(x)
@@ -414,13 +445,15 @@ class AgentLayerNorm(nn.Module):
 
 @contextlib.contextmanager
 def merged_weights(*models):
-    """Inside the block every layer uses each agent's weights computed once on entry, not per
-    call: rollouts and evaluations call the policy once per env step with unchanged weights.
-    A parameter changed inside the block (its weights would be stale) raises on exit."""
+    """Inside the block every layer uses each agent's weights computed once
+    on entry, not per call: rollouts and evaluations call the policy
+    once per env step with unchanged weights. A parameter changed inside
+    the block (its weights would be stale) raises on exit."""
     kinds = (LoRALinear, AgentLinear, AgentLayerNorm)
     layers = [m for model in models for m in model.modules() if isinstance(m, kinds)]
     params = [p for model in models for p in model.parameters()]
-    versions = [p._version for p in params]  # PyTorch counts every in-place change of a tensor
+    # PyTorch counts every in-place change of a tensor
+    versions = [p._version for p in params]
     with torch.no_grad():
         for layer in layers:
             layer.merged = [w.detach() for w in layer.weights()]
@@ -435,9 +468,10 @@ def merged_weights(*models):
 
 # ==== 6. ACTOR, CRITIC, VALUENORM ====
 class RecurrentNetwork(nn.Module):
-    """All agents at once (docs/method.md §2): feature LayerNorm -> fc1, fc2a, fc2b blocks
-    (Linear-ReLU-LayerNorm) -> GRU -> LayerNorm -> fc_post block -> head. nps: every layer per
-    agent; otherwise shared, with adapters from `generator` on the layers named in `adapted`."""
+    """All agents at once (docs/method.md §2): feature LayerNorm -> fc1,
+    fc2a, fc2b blocks (Linear-ReLU-LayerNorm) -> GRU -> LayerNorm ->
+    fc_post block -> head. nps: every layer per agent; otherwise shared,
+    with adapters from `generator` on the layers named in `adapted`."""
 
     def __init__(self, n_in, n_out, n_agents, args, head_gain, nps, adapted, generator=None):
         super().__init__()
@@ -467,8 +501,9 @@ class RecurrentNetwork(nn.Module):
         self.head = linear("head", hidden, n_out, head_gain)
 
     def forward(self, x, h, masks, agents=None):
-        """x (n, T, B, in), h (n, B, H), masks (T, B) -> outputs (n, T, B, out), the hidden state
-        after every step (n, T, B, H); n = all agents or len(agents)."""
+        """x (n, T, B, in), h (n, B, H), masks (T, B) -> outputs
+        (n, T, B, out), the hidden state after every step (n, T, B, H);
+        n = all agents or len(agents)."""
         x = self.feature_norm(x, agents)
         for name in ("fc1", "fc2a", "fc2b"):
             x = self.norms[name](F.relu(self.fcs[name](x, agents)), agents)
@@ -478,12 +513,14 @@ class RecurrentNetwork(nn.Module):
         return self.head(x, agents), hs
 
     def gru(self, x, h, masks, agents=None):
-        """torch.nn.GRU's equations, gates [r, z, n] (FIX 9): h <- h * mask_t, then
-        r, z = sig(gx_rz + gh_rz), n = tanh(gx_n + r gh_n), h' = (1 - z) n + z h,
-        gx = W_x x + b_x (all steps at once), gh = W_h h + b_h (one step at a time)."""
+        """torch.nn.GRU's equations, gates [r, z, n] (FIX 9): h <- h *
+        mask_t, then r, z = sig(gx_rz + gh_rz), n = tanh(gx_n + r gh_n),
+        h' = (1 - z) n + z h, gx = W_x x + b_x (all steps at once), gh =
+        W_h h + b_h (one step at a time)."""
         hidden = h.shape[-1]
         gx_rz, gx_n = self.gru_x(x, agents).split([2 * hidden, hidden], dim=-1)
-        weight, bias = self.gru_h.weights(agents)  # once per call, not once per step
+        # once per call, not once per step
+        weight, bias = self.gru_h.weights(agents)
         outputs = []
         # unbind, not gx[:, t]: the backward of indexing allocates a gx-sized zero tensor per step
         steps = zip(gx_rz.unbind(1), gx_n.unbind(1), masks[..., None])
@@ -498,20 +535,23 @@ class RecurrentNetwork(nn.Module):
 
 
 class GaussianActor(RecurrentNetwork):
-    """Squashed Gaussian policy (KEEP 20, docs/method.md §4): a = tanh(u), u ~ N(mean, std),
-    std = 0.5 sigmoid(log_std + d_i), d_i agent i's log-std adapter (phase lora).
-    `action_dims` (N, act_dim): 1 on each agent's real action dims, 0 on padding (FIX 12)."""
+    """Squashed Gaussian policy (KEEP 20, docs/method.md §4): a = tanh(u),
+    u ~ N(mean, std), std = 0.5 sigmoid(log_std + d_i), d_i agent i's
+    log-std adapter (phase lora). `action_dims` (N, act_dim): 1 on each
+    agent's real action dims, 0 on padding (FIX 12)."""
 
     def __init__(self, obs_dim, act_dim, n_agents, args, action_dims=None):
         nps = args.share_mode == "nps"
         adapted = args.lora_layers if args.share_mode == "lorasa" else ()
-        generator = torch.Generator().manual_seed(args.seed)  # the adapters' own (FIX 29)
+        # the adapters' own (FIX 29)
+        generator = torch.Generator().manual_seed(args.seed)
         super().__init__(obs_dim, act_dim, n_agents, args, 0.01, nps, adapted, generator)
         self.nps = nps
         if nps:
             self.nps_log_std = nn.ParameterList([torch.ones(act_dim) for _ in range(n_agents)])
         else:
-            self.log_std = nn.Parameter(torch.ones(act_dim))  # the reference's init (sigma 0.366)
+            # the reference's init (sigma 0.366)
+            self.log_std = nn.Parameter(torch.ones(act_dim))
             # agent i's log-std adapter d_i: 0 until it trains in phase lora
             self.lora_std = nn.ParameterList([torch.zeros(act_dim) for _ in range(n_agents)])
         if action_dims is None or not args.mask_padded_actions:
@@ -525,8 +565,9 @@ class GaussianActor(RecurrentNetwork):
         return self.log_std + stack(self.lora_std, agents)
 
     def forward(self, obs, h, masks, agents=None):
-        """obs (n, T, B, obs_dim) -> mean (n, T, B, act_dim), std (n, 1, 1, act_dim), the hidden
-        state after the last step (n, B, H)."""
+        """obs (n, T, B, obs_dim) -> mean (n, T, B, act_dim), std
+        (n, 1, 1, act_dim), the hidden state after the last step
+        (n, B, H)."""
         mean, hs = super().forward(obs, h, masks, agents)
         std = 0.5 * torch.sigmoid(self.log_std_of(agents))
         return mean, std[:, None, None], hs[:, -1]
@@ -537,22 +578,24 @@ LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def squashed_log_prob(mean, std, action):
-    """Per-dim log-prob of a = tanh(u), u ~ N(mean, std) (method §4):
-    log N(atanh(clamp(a, +-(1 - eps))); mean, std) - log(1 - a^2 + eps)."""
+    """Per-dim log-prob of a = tanh(u), u ~ N(mean, std) (method §4): log
+    N(atanh(clamp(a, +-(1 - eps))); mean, std) - log(1 - a^2 + eps)."""
     u = torch.atanh(action.clamp(-1 + EPS, 1 - EPS))
     log_normal = -0.5 * ((u - mean) / std).pow(2) - std.log() - LOG_SQRT_2PI
     return log_normal - torch.log(1 - action.pow(2) + EPS)
 
 
 def squashed_entropy(mean, std):
-    """KEEP 20: a one-sample estimate per dim, H(N(mean, std)) + log(1 - tanh(u)^2 + eps)."""
+    """KEEP 20: a one-sample estimate per dim, H(N(mean, std)) + log(1 -
+    tanh(u)^2 + eps)."""
     u = mean + std * torch.randn_like(mean)
     return 0.5 + LOG_SQRT_2PI + std.log() + torch.log(1 - torch.tanh(u).pow(2) + EPS)
 
 
 class Critic(RecurrentNetwork):
-    """Centralised critic (docs/method.md §5): one for all agents (nps: one each), never
-    adapted. Outputs normalised values (n, T, B) and the hidden states."""
+    """Centralised critic (docs/method.md §5): one for all agents
+    (nps: one each), never adapted. Outputs normalised values (n, T, B)
+    and the hidden states."""
 
     def __init__(self, state_dim, n_agents, args):
         nps = args.share_mode == "nps"
@@ -564,9 +607,10 @@ class Critic(RecurrentNetwork):
 
 
 class ValueNorm(nn.Module):
-    """One running normaliser of the returns per agent (docs/method.md §5, KEEP 25): exponential
-    averages (beta) of R, of R^2 and of 1 (the debiasing term d >= 1e-5) per agent;
-    mean = avg(R) / d, var = max(avg(R^2) / d - mean^2, 1e-2)."""
+    """One running normaliser of the returns per agent (docs/method.md §5,
+    KEEP 25): exponential averages (beta) of R, of R^2 and of 1 (the
+    debiasing term d >= 1e-5) per agent; mean = avg(R) / d, var =
+    max(avg(R^2) / d - mean^2, 1e-2)."""
 
     def __init__(self, n_agents, beta=0.99999):
         super().__init__()
@@ -597,12 +641,14 @@ class ValueNorm(nn.Module):
 
 
 def agent_parameters(actor, i, args):
-    """Agent i's own actor parameters: its adapters (lorasa) or its whole network (nps)."""
+    """Agent i's own actor parameters: its adapters (lorasa) or its whole
+    network (nps)."""
     params = []
     for module in actor.modules():
         if isinstance(module, LoRALinear) and module.rank:
             params += [module.lora_A[i], module.lora_B[i]]
-            params += [module.lora_bias[i]] if args.train_agent_bias else []  # KEEP 18
+            # the reference never trains the per-agent biases (KEEP 18)
+            params += [module.lora_bias[i]] if args.train_agent_bias else []
         elif isinstance(module, (AgentLinear, AgentLayerNorm)):
             params += [module.weight[i], module.bias[i]]
     log_std = actor.nps_log_std if actor.nps else actor.lora_std
@@ -610,10 +656,12 @@ def agent_parameters(actor, i, args):
 
 
 def start_phase(actor, phase, args):
-    """The actor parameters that train and their optimisers, fresh (docs/method.md §1).
-    ps: the shared actor, one Adam. lora: the adapters on (the policy is unchanged: dW = 0),
-    every shared parameter frozen (FIX 8), one Adam per agent over its adapters (FIX 5).
-    nps: one Adam per agent over its network. The critic is not touched (FIX 26)."""
+    """The actor parameters that train and their optimisers, fresh
+    (docs/method.md §1). ps: the shared actor, one Adam. lora: the
+    adapters on (the policy is unchanged: dW = 0), every shared
+    parameter frozen (FIX 8), one Adam per agent over its adapters
+    (FIX 5). nps: one Adam per agent over its network. The critic is not
+    touched (FIX 26)."""
     for module in actor.modules():
         if isinstance(module, LoRALinear):
             module.lora_on = phase == "lora" and module.rank > 0
@@ -630,10 +678,12 @@ def start_phase(actor, phase, args):
 
 # ==== 7. ROLLOUT BUFFER, CHUNKS, GAE ====
 class RolloutBuffer:
-    """One iteration's data (docs/method.md §7), agent-major: (N, T[+1], E, ...) or (T[+1], E).
-    Row T becomes the next iteration's row 0. masks[t] = 0: an episode ended at step t - 1.
-    bad_masks[t] = 0: step t - 1 was a truncation whose advantage is zeroed (reference).
-    boot[t] = 1: step t was a truncation bootstrapped from its final state (FIX 21)."""
+    """One iteration's data (docs/method.md §7), agent-major:
+    (N, T[+1], E, ...) or (T[+1], E). Row T becomes the next iteration's
+    row 0. masks[t] = 0: an episode ended at step t - 1. bad_masks[t] =
+    0: step t - 1 was a truncation whose advantage is zeroed
+    (reference). boot[t] = 1: step t was a truncation bootstrapped from
+    its final state (FIX 21)."""
 
     def __init__(self, args, n_agents, obs_dim, state_dim, act_dim, device):
         N, T, E, H = n_agents, args.num_steps, args.num_envs, args.hidden_size
@@ -645,7 +695,8 @@ class RolloutBuffer:
         self.bad_masks = torch.ones(T + 1, E, device=device)
         self.actions = torch.zeros(N, T, E, act_dim, device=device)
         self.logprobs = torch.zeros(N, T, E, act_dim, device=device)
-        self.values = torch.zeros(N, T + 1, E, device=device)  # normalised; row T: V_T
+        # normalised; row T: V_T
+        self.values = torch.zeros(N, T + 1, E, device=device)
         self.rewards = torch.zeros(T, E, device=device)
         self.boot = torch.zeros(T, E, device=device)
         self.final_state = torch.zeros(N, T, E, state_dim, device=device)
@@ -664,17 +715,20 @@ class RolloutBuffer:
 
 
 def collect_rollout(args, envs, actor, buf):
-    """One sampled policy call for all envs and agents per step; finished envs are reset after
-    their final state is kept (FIX 21). Returns the finished episodes' (return, length) and the
-    seconds spent in the envs."""
+    """One sampled policy call for all envs and agents per step; finished
+    envs are reset after their final state is kept (FIX 21). Returns the
+    finished episodes' (return, length) and the seconds spent in the
+    envs."""
     T, E = args.num_steps, args.num_envs
     rewards = np.zeros((T, E), np.float32)
     terminated = np.zeros((T, E), bool)
     truncated = np.zeros((T, E), bool)
     finished = []
     env_seconds = 0.0
-    noise = torch.randn(buf.actions.shape, device=buf.actions.device)  # u = mean + std * noise
-    with merged_weights(actor):  # each agent's weights once per rollout, not per step
+    # u = mean + std * noise
+    noise = torch.randn(buf.actions.shape, device=buf.actions.device)
+    # each agent's weights once per rollout, not per step
+    with merged_weights(actor):
         for t in range(T):
             with torch.inference_mode():
                 mean, std, h = actor(buf.obs[:, t, None], buf.actor_h[:, t], buf.masks[t, None])
@@ -688,7 +742,8 @@ def collect_rollout(args, envs, actor, buf):
             start = time.time()
             obs, rewards[t], terminated[t], truncated[t], _ = envs.step(actions)
             done = terminated[t] | truncated[t]
-            if done.any():  # keep the true final state, then reset those envs
+            # keep the true final state, then reset those envs
+            if done.any():
                 buf.final_state[:, t] = torch.as_tensor(obs["state"]).transpose(0, 1)
                 obs, _ = envs.reset(options={"reset_mask": done})
             env_seconds += time.time() - start
@@ -709,8 +764,9 @@ def collect_rollout(args, envs, actor, buf):
 
 @torch.inference_mode()
 def critic_values(critic, buf):
-    """The critic's values of the whole rollout in one call over its states (row T: V_T), its
-    hidden states for the chunks, and the values of the bootstrapped steps' final states."""
+    """The critic's values of the whole rollout in one call over its states
+    (row T: V_T), its hidden states for the chunks, and the values of
+    the bootstrapped steps' final states."""
     values, hs = critic(buf.state, buf.critic_h[:, 0], buf.masks)
     buf.values.copy_(values)
     buf.critic_h[:, 1:] = hs[:, :-1]
@@ -722,9 +778,10 @@ def critic_values(critic, buf):
 
 
 def gae(rewards, values, masks, bad_masks, gamma, lam):
-    """GAE (docs/method.md §7) along axis -2: rewards (..., T, E); values, masks, bad_masks
-    (..., T + 1, E). delta_t = r_t + gamma V_{t+1} m_{t+1} - V_t,
-    A_t = (delta_t + gamma lam m_{t+1} A_{t+1}) b_{t+1}. Returns A + V (the returns)."""
+    """GAE (docs/method.md §7) along axis -2: rewards (..., T, E); values,
+    masks, bad_masks (..., T + 1, E). delta_t = r_t + gamma V_{t+1}
+    m_{t+1} - V_t, A_t = (delta_t + gamma lam m_{t+1} A_{t+1}) b_{t+1}.
+    Returns A + V (the returns)."""
     advantages = torch.zeros_like(values[..., :-1, :])
     last = torch.zeros_like(values[..., 0, :])
     for t in reversed(range(rewards.shape[-2])):
@@ -737,9 +794,10 @@ def gae(rewards, values, masks, bad_masks, gamma, lam):
 
 
 def compute_returns(args, buf, value_norm):
-    """Returns by GAE on the values de-normalised per agent; advantages R - V standardised over
-    all entries (method §6). A bootstrapped truncation adds gamma V(s_final) to its reward
-    (FIX 21; the episode still ends there)."""
+    """Returns by GAE on the values de-normalised per agent; advantages R -
+    V standardised over all entries (method §6). A bootstrapped
+    truncation adds gamma V(s_final) to its reward (FIX 21; the episode
+    still ends there)."""
     values = value_norm.denormalize(buf.values)
     final_values = value_norm.denormalize(buf.final_values)
     rewards = buf.rewards + args.gamma * buf.boot * final_values
@@ -750,9 +808,11 @@ def compute_returns(args, buf, value_norm):
 
 
 def chunk_minibatches(data, T, chunk_length, num_minibatches):
-    """Every env's stream cut into chunks of `chunk_length` steps, shuffled into minibatches
-    (method §6): (N, T[+1], E, ...) -> (N, L, chunks, ...), (T[+1], E) -> (L, chunks), and a
-    hidden state (key ending in `_h`) -> the stored one at each chunk's start (N, chunks, H)."""
+    """Every env's stream cut into chunks of `chunk_length` steps, shuffled
+    into minibatches (method §6): (N, T[+1], E, ...) ->
+    (N, L, chunks, ...), (T[+1], E) -> (L, chunks), and a hidden state
+    (key ending in `_h`) -> the stored one at each chunk's start
+    (N, chunks, H)."""
     C = T // chunk_length
     chunked = {}
     for key, x in data.items():
@@ -773,13 +833,15 @@ def chunk_minibatches(data, T, chunk_length, num_minibatches):
 
 # ==== 8. UPDATE ====
 def huber(x, delta):
-    """Symmetric Huber loss (FIX 2: the reference's is zero for x < -delta)."""
+    """Symmetric Huber loss (FIX 2: the reference's is zero for x <
+    -delta)."""
     return torch.where(x.abs() <= delta, 0.5 * x.pow(2), delta * (x.abs() - 0.5 * delta))
 
 
 def value_loss(args, critic, value_norm, mb, agents=None):
-    """Clipped Huber value loss (docs/method.md §5), in normalised units, over all steps:
-    mean max(Huber(norm(R) - V), Huber(norm(R) - V_clip)), V_clip = V_old + clip(V - V_old)."""
+    """Clipped Huber value loss (docs/method.md §5), in normalised units,
+    over all steps: mean max(Huber(norm(R) - V), Huber(norm(R) -
+    V_clip)), V_clip = V_old + clip(V - V_old)."""
     values, _ = critic(mb["state"], mb["critic_h"], mb["masks"], agents)
     target = value_norm.normalize(mb["returns"], agents)
     change = (values - mb["values"]).clamp(-args.value_clip_coef, args.value_clip_coef)
@@ -790,8 +852,9 @@ def value_loss(args, critic, value_norm, mb, agents=None):
 
 
 def clip_and_step(optimizers, groups, max_norm):
-    """Clip each group's gradient norm on its own, then step every optimiser; returns the mean
-    pre-clip norm. A non-finite norm stops training before any step (never saves bad weights)."""
+    """Clip each group's gradient norm on its own, then step every
+    optimiser; returns the mean pre-clip norm. A non-finite norm stops
+    training before any step (never saves bad weights)."""
     norms = torch.stack([nn.utils.clip_grad_norm_(group, max_norm) for group in groups])
     if not torch.isfinite(norms).all():
         raise FloatingPointError("non-finite gradients")
@@ -801,13 +864,15 @@ def clip_and_step(optimizers, groups, max_norm):
 
 
 def update(args, phase, actor, critic, value_norm, optimizers, buf, returns, advantages):
-    """MAPPO (docs/method.md §6): update_epochs x num_minibatches steps on the chunked batch, all
-    agents at once; each actor step is followed by a critic step on the same minibatch."""
+    """MAPPO (docs/method.md §6): update_epochs x num_minibatches steps on
+    the chunked batch, all agents at once; each actor step is followed
+    by a critic step on the same minibatch."""
     actor_optims, actor_groups, critic_optim = optimizers
     data = dict(obs=buf.obs, state=buf.state, actor_h=buf.actor_h, critic_h=buf.critic_h)
     data.update(masks=buf.masks, actions=buf.actions, logprobs=buf.logprobs, values=buf.values)
     data.update(returns=returns, advantages=advantages)
-    dims = actor.action_dims[:, None, None]  # (N, 1, 1, act_dim): 0 on padded dims (FIX 12)
+    # (N, 1, 1, act_dim): 0 on padded dims (FIX 12)
+    dims = actor.action_dims[:, None, None]
     # KEEP 19: a ratio and a clip per action dim, summed; or one joint ratio
     ratio_dims = dims if args.per_dim_ratio else dims[..., :1]
     stats = defaultdict(list)
@@ -829,7 +894,8 @@ def update(args, phase, actor, critic, value_norm, optimizers, buf, returns, adv
             entropy = (squashed_entropy(mean, std) * dims).sum(-1)
             if phase == "ps":  # the mean over all agents' samples
                 loss = policy_loss.mean() - args.ent_coef * entropy.mean()
-            else:  # per-agent means, summed: each agent gets its own PPO gradient
+            else:
+                # per-agent means, summed: each agent gets its own PPO gradient
                 loss = (policy_loss.mean((1, 2)) - args.ent_coef * entropy.mean((1, 2))).sum()
             for optimizer in actor_optims:
                 optimizer.zero_grad()
@@ -848,7 +914,8 @@ def update(args, phase, actor, critic, value_norm, optimizers, buf, returns, adv
                 entries = (ratio_dims * torch.ones_like(ratio)).sum()
                 approx_kl = ((ratio - 1 - log_ratio) * ratio_dims).sum() / entries
                 clipfrac = (((ratio - 1).abs() > args.clip_coef) * ratio_dims).sum() / entries
-            stats["policy_loss"].append(policy_loss.mean().item())  # FIX 11: means over agents
+            # FIX 11: means over agents
+            stats["policy_loss"].append(policy_loss.mean().item())
             stats["entropy"].append(entropy.mean().item())
             stats["approx_kl"].append(approx_kl.item())
             stats["clipfrac"].append(clipfrac.item())
@@ -860,13 +927,15 @@ def update(args, phase, actor, critic, value_norm, optimizers, buf, returns, adv
 
 # ==== 9. EVALUATION ====
 def eval_seeds(args):
-    """The eval envs' own seed stream, the same at every evaluation (docs/method.md §8)."""
+    """The eval envs' own seed stream, the same at every evaluation
+    (docs/method.md §8)."""
     return [args.seed * 50000 + 10000 * k for k in range(args.eval_episodes)]
 
 
 @torch.inference_mode()
 def evaluate(args, actor, envs):
-    """Greedy evaluation (tanh of the mean), one episode per eval env: the mean team return."""
+    """Greedy evaluation (tanh of the mean), one episode per eval env: the
+    mean team return."""
     n = envs.num_envs
     obs, _ = envs.reset(seed=eval_seeds(args))
     h = torch.zeros(actor.n_agents, n, args.hidden_size, device=actor.action_dims.device)
@@ -874,7 +943,8 @@ def evaluate(args, actor, envs):
     episode_return = np.zeros(n)
     episode_length = np.zeros(n)
     done = np.zeros(n, bool)
-    with merged_weights(actor):  # each agent's weights once per evaluation, not per step
+    # each agent's weights once per evaluation, not per step
+    with merged_weights(actor):
         while not done.all():
             obs = torch.as_tensor(obs["obs"], device=h.device).transpose(0, 1)[:, None]
             mean, _, h = actor(obs, h, masks)
@@ -886,7 +956,8 @@ def evaluate(args, actor, envs):
             episode_length += ~done
             ended = terminated | truncated
             done |= ended
-            if ended.any() and not done.all():  # keep the vector env steppable; no counting
+            # keep the vector env steppable; no counting
+            if ended.any() and not done.all():
                 obs, _ = envs.reset(options={"reset_mask": ended})
     return dict(
         episodic_return=episode_return.mean(), episodic_length=episode_length.mean(), num_episodes=n
@@ -903,13 +974,15 @@ def log_evaluation(writer, args, actor, envs, global_step):
 
 
 # ==== 10. CHECKPOINTS ====
-CHECKPOINT_FORMAT = 2  # checkpoints of earlier versions of the scripts are refused
+# checkpoints of earlier versions of the scripts are refused
+CHECKPOINT_FORMAT = 2
 
 
 def load_checkpoint(args):
-    """Read --checkpoint, one line if it is not a checkpoint of these scripts. --resume and
-    --eval-only take its task and settings, and from the command line a few flags (--resume: a
-    longer run; --eval-only: seed and episodes)."""
+    """Read --checkpoint, one line if it is not a checkpoint of these
+    scripts. --resume and --eval-only take its task and settings, and
+    from the command line a few flags (--resume: a longer run;
+    --eval-only: seed and episodes)."""
     if args.checkpoint is None:
         if args.resume or args.eval_only:
             flag = "resume" if args.resume else "eval-only"
@@ -925,10 +998,12 @@ def load_checkpoint(args):
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
         fail(f"--checkpoint {args.checkpoint!r} was written by an earlier version of the scripts")
     if args.resume or args.eval_only:
-        keep = ["cuda", "threads", "checkpoint", "resume", "eval_only", "run_dir", "async_envs"]
+        keep = ["cuda", "threads", "checkpoint", "resume", "eval_only", "run_dir", "track"]
+        keep += ["wandb_project_name", "wandb_entity", "async_envs"]
         if args.eval_only:
             keep += ["seed", "eval_episodes", "max_episode_steps"]
-        elif args.total_timesteps != Args.total_timesteps:  # a longer run (not the default)
+        elif args.total_timesteps != Args.total_timesteps:
+            # a longer run (not the default)
             keep += ["total_timesteps"]
         saved = {k: v for k, v in checkpoint["args"].items() if k in Args.__dataclass_fields__}
         args = Args(**{**saved, **{key: getattr(args, key) for key in keep}})
@@ -936,7 +1011,8 @@ def load_checkpoint(args):
 
 
 def check_checkpoint(args, checkpoint):
-    """One line if the checkpoint is of another task or shape, or one this mode cannot load."""
+    """One line if the checkpoint is of another task or shape, or one this
+    mode cannot load."""
     saved = checkpoint["args"]
     for key in TASK_KEYS:
         if saved[key] != getattr(args, key):
@@ -963,8 +1039,9 @@ def check_checkpoint(args, checkpoint):
 
 
 def load_weights(args, checkpoint, actor, critic, value_norm, critic_optim):
-    """Load a checkpoint's networks; returns the phase, step and iteration to go on from. A ps
-    checkpoint gives the shared weights only: this run's adapters keep their init (dW = 0)."""
+    """Load a checkpoint's networks; returns the phase, step and iteration
+    to go on from. A ps checkpoint gives the shared weights only: this
+    run's adapters keep their init (dW = 0)."""
     from_ps = checkpoint["phase"] == "ps"
     actor_state = {k: v for k, v in checkpoint["actor"].items() if not (from_ps and "lora_" in k)}
     actor.load_state_dict(actor_state, strict=not from_ps)
@@ -974,18 +1051,20 @@ def load_weights(args, checkpoint, actor, critic, value_norm, critic_optim):
     global_step = checkpoint["global_step"]  # the x-axis continues
     if args.resume:
         return checkpoint["phase"], global_step, checkpoint["iteration"]
-    phase = "lora" if args.share_mode == "lorasa" else checkpoint["phase"]  # lora at once
+    # lora at once
+    phase = "lora" if args.share_mode == "lorasa" else checkpoint["phase"]
     return phase, global_step, global_step // args.batch_size
 
 
 def make_run_dir(args):
-    """A new run folder under --run-dir (never an existing one), or with --resume the
-    checkpoint's own; one line if it cannot be written."""
+    """A new run folder under --run-dir (never an existing one), or with
+    --resume the checkpoint's own; one line if it cannot be written."""
     name = f"{args.task}__{args.exp_name}__{args.share_mode}-r{args.rank}__{args.seed}"
     path = os.path.join(args.run_dir, f"{name}__{int(time.time())}")
     if args.resume:
         path = os.path.dirname(os.path.abspath(args.checkpoint))
-    while not args.resume and os.path.exists(path):  # a run of the same name in the same second
+    # a run of the same name in the same second
+    while not args.resume and os.path.exists(path):
         path += "+"
     try:
         os.makedirs(path, exist_ok=args.resume)
@@ -998,8 +1077,9 @@ def make_run_dir(args):
 
 
 def adapters_only(actor):
-    """Per adapted layer A (N, r, in), B (N, out, r), bias (N, out), scaling; and the log-std
-    offsets (N, act_dim): what phase lora learned, for use outside these scripts."""
+    """Per adapted layer A (N, r, in), B (N, out, r), bias (N, out),
+    scaling; and the log-std offsets (N, act_dim): what phase lora
+    learned, for use outside these scripts."""
     adapters = {"log_std_offset": stack(actor.lora_std).detach().cpu()}
     for name, module in actor.named_modules():
         if isinstance(module, LoRALinear) and module.rank:
@@ -1010,9 +1090,9 @@ def adapters_only(actor):
 
 
 def save_checkpoint(path, args, progress, actor, critic, value_norm, optimizers):
-    """Write checkpoint.pt atomically (a temporary file, then a rename), in phase lora with
-    adapters.pt beside it; refuses non-finite weights. `progress`: phase, global_step, iteration
-    and the package versions."""
+    """Write checkpoint.pt atomically (a temporary file, then a rename), in
+    phase lora with adapters.pt beside it; refuses non-finite weights.
+    `progress`: phase, global_step, iteration and the package versions."""
     actor_optims, _, critic_optim = optimizers
     payload = dict(format=CHECKPOINT_FORMAT, args=dataclasses.asdict(args), **progress)
     payload.update(actor=actor.state_dict(), critic=critic.state_dict())
@@ -1034,8 +1114,8 @@ def save_checkpoint(path, args, progress, actor, critic, value_norm, optimizers)
 
 
 class CtrlC:
-    """First Ctrl-C: the iteration finishes, a checkpoint is saved, exit 130 (no half-applied
-    update is saved). Second Ctrl-C: quit at once."""
+    """First Ctrl-C: the iteration finishes, a checkpoint is saved, exit
+    130 (no half-applied update is saved). Second Ctrl-C: quit at once."""
 
     def __init__(self):
         self.pressed = False
@@ -1048,8 +1128,27 @@ class CtrlC:
         print("Ctrl-C: finishing the iteration, then saving (again: quit now)", file=sys.stderr)
 
 
+def track_run(args, run_path):
+    """--track: Weights & Biases follows the run, as in CleanRL: it syncs
+    the TensorBoard events; its config is the effective arguments; its
+    files go to <run dir>/wandb/."""
+    import wandb
+
+    wandb.init(
+        project=args.wandb_project_name,
+        entity=args.wandb_entity or None,
+        sync_tensorboard=True,
+        config=vars(args),
+        name=os.path.basename(run_path),
+        # beside the run folders, not inside one: W&B copies the events it syncs into its own
+        dir=args.run_dir,
+        save_code=True,
+    )
+
+
 def log_start(writer, args, actor, critic, global_step):
-    """The effective arguments and versions (printed and in TensorBoard), and the sizes."""
+    """The effective arguments and versions (printed and in TensorBoard),
+    and the sizes."""
     packages = ("torch", "gymnasium-robotics", "mujoco", "tyro")
     versions = {f"version/{p}": importlib.metadata.version(p) for p in packages}
     hparams = {**vars(args), **versions}
@@ -1077,7 +1176,8 @@ def log_iteration(writer, args, iteration, phase, actor, groups, stats, finished
     if finished:
         stats["charts/episodic_return"] = float(np.mean([r for r, _ in finished]))
         stats["charts/episodic_length"] = float(np.mean([n for _, n in finished]))
-    with torch.no_grad():  # how far each agent moved from the shared weights: sum ||s B_i A_i||_F
+    # how far each agent moved from the shared weights: sum ||s B_i A_i||_F
+    with torch.no_grad():
         adapted = [m for m in actor.modules() if isinstance(m, LoRALinear) and m.lora_on]
         deltas = [m.scaling * torch.bmm(stack(m.lora_B), stack(m.lora_A)) for m in adapted]
         for i, log_std in enumerate(actor.log_std_of().mean(-1).tolist()):
@@ -1093,7 +1193,8 @@ def log_iteration(writer, args, iteration, phase, actor, groups, stats, finished
 
 
 def resume_training(checkpoint, actor_optims, device):
-    """--resume: the actor optimisers' states and the RNG the training loop draws from."""
+    """--resume: the actor optimisers' states and the RNG the training loop
+    draws from."""
     for optimizer, state in zip(actor_optims, checkpoint["actor_optim"]):
         optimizer.load_state_dict(state)
     torch.set_rng_state(checkpoint["rng"]["torch"])
@@ -1108,7 +1209,8 @@ if __name__ == "__main__":
     args = finalize_args(args)
     if checkpoint is not None:
         check_checkpoint(args, checkpoint)
-    env = make_env(args)  # a bad --agent-conf fails here, before anything is written
+    # a bad --agent-conf fails here, before anything is written
+    env = make_env(args)
     run_path = None if args.eval_only else make_run_dir(args)
 
     # TRY NOT TO MODIFY: seeding
@@ -1147,6 +1249,9 @@ if __name__ == "__main__":
 
     from torch.utils.tensorboard import SummaryWriter
 
+    if args.track:
+        # before the writer: W&B hooks into TensorBoard's
+        track_run(args, run_path)
     writer = SummaryWriter(run_path)
     versions = log_start(writer, args, actor, critic, global_step)
     # new seeds on --resume: the simulators' states are not in the checkpoint
@@ -1158,7 +1263,8 @@ if __name__ == "__main__":
     ctrl_c = CtrlC()
 
     def save(name):
-        """The training state now, as <run folder>/<name>; None with --no-save-model."""
+        """The training state now, as <run folder>/<name>; None with
+        --no-save-model."""
         if not args.save_model:
             return None
         progress = dict(phase=phase, global_step=global_step, iteration=iteration)

@@ -5,6 +5,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -18,6 +19,16 @@ SCRIPTS = [
     "a2po_lorasa_smac.py",
 ]
 MAMUJOCO = [s for s in SCRIPTS if s.endswith("mamujoco.py")]
+# Every process that runs SMAX compiles its jitted functions (about 15 s of CPU): the test processes share JAX's
+# persistent compilation cache, which stores the compiled executables (the same code, the same numbers).
+JAX_CACHE = dict(
+    JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(), "lorasa-tests-jax-cache")
+)
+JAX_CACHE.update(
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0"
+)
+for key, value in JAX_CACHE.items():
+    os.environ.setdefault(key, value)
 
 
 def load_script(name):
@@ -65,7 +76,10 @@ def scalars(run_dir):
 
 
 def only_run(cwd):
-    runs = glob.glob(os.path.join(cwd, "runs", "*"))
+    """The one run folder under cwd/runs (W&B's files of --track, runs/wandb, are not a run)."""
+    runs = [
+        path for path in glob.glob(os.path.join(cwd, "runs", "*")) if not path.endswith("wandb")
+    ]
     assert len(runs) == 1, runs
     return runs[0]
 

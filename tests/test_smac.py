@@ -184,6 +184,21 @@ def test_starcraft2_adapter_api(fake_sc2, monkeypatch):
     env.env.restart_every, env.env._steps_total = 1, 0
     _, reward, terminated, truncated, info = env.step(np.ones(3, int))
     assert terminated and not truncated and not info["won"] and reward == 0
+    # a restart in the first episode: the next reset closes the game the restart launched (smac
+    # launches again), and smac's reward normaliser stays that of the first launch
+    standin = sys.modules["sc2_standin"]
+    env.env.restart_every = 0
+    fresh = S.StarCraft2("3m", 2, args.state_mode, args.death_masking)
+    running = standin.GameProcess.running
+    fresh.reset()
+    normaliser = fresh.env.max_reward
+    fresh.env.restart_every, fresh.env._steps_total = 1, 0
+    assert fresh.step(np.ones(3, int))[2]
+    fresh.env.restart_every = 0
+    fresh.reset()
+    assert fresh.env.max_reward == normaliser == 200 + 10 * 3 + 3
+    assert standin.GameProcess.running == running + 1
+    fresh.close()
     v2 = S.StarCraft2("protoss_5_vs_5", 1, args.state_mode, args.death_masking)
     # smacv2's wrapper retries and returns None; the adapter reads the env afterwards
     v2.env.env.failed_resets = 2
@@ -476,7 +491,7 @@ def test_real_smac_reward_normaliser_is_the_maps(monkeypatch):
     S = load_script(SMAC[0])
 
     class Probe(S.StarCraft2):  # read in the workers through AsyncVectorEnv.call
-        max_reward = property(lambda self: self.env.max_reward)
+        normaliser = property(lambda self: self.env.max_reward)
         launches = property(lambda self: fake_game.Counters.launches)
 
     monkeypatch.setattr(S, "StarCraft2", Probe)
@@ -489,8 +504,8 @@ def test_real_smac_reward_normaliser_is_the_maps(monkeypatch):
         assert first["obs"].shape == (1, 8, 226 + 8)
         for _ in range(2):
             S.evaluate(args, actor, eval_envs)
-            assert eval_envs.call("max_reward") == (1510,) and eval_envs.call("launches") == (1,)
-        assert envs.call("max_reward") == (1510, 1510) and envs.call("launches") == (1, 1)
+            assert eval_envs.call("normaliser") == (1510,) and eval_envs.call("launches") == (1,)
+        assert envs.call("normaliser") == (1510, 1510) and envs.call("launches") == (1, 1)
     finally:
         envs.close()
         eval_envs.close()

@@ -8,13 +8,23 @@ start and again when no unit is left (the maps' trigger that smac's restart reli
 32x32_flat spawns nothing (units come from debug create_unit); a toy battle (an attack takes 30
 points, shield first; a move teleports); a killed unit leaves the unit list. Counters counts the
 launches (for smac, a launch is where it adds the enemies' health to its reward normaliser);
-fail_step_at raises pysc2's ConnectionError at that controller step (smac's full_restart).
+fail_step_at raises pysc2's ConnectionError at that controller step (smac's full_restart);
+fail_launch_at makes that launch of this process fail as a game that never opens its port does
+(pysc2's ConnectError); with log set, each process appends "launch <pid>" / "close <pid>" there.
+
+Run as a program, it plays a script on the simulated game, configured from the environment
+(FAKE_SC2_FAIL_STEP_AT, FAKE_SC2_FAIL_LAUNCH_AT, FAKE_SC2_LOG); the vector env's workers are
+forked, so they play it too:
+    python tests/fake_sc2/fake_game.py mappo_lorasa_smac.py --map 3s5z --env-backend sc2 ...
 """
 
 import itertools
+import os
+import runpy
+import sys
 import types
 
-from pysc2.lib import protocol
+from pysc2.lib import protocol, remote_controller
 from pysc2.run_configs import lib as run_configs_lib
 from s2clientprotocol import raw_pb2
 from s2clientprotocol import sc2api_pb2 as sc_pb
@@ -41,6 +51,14 @@ class Counters:
     launches = 0
     closes = 0
     fail_step_at = None
+    fail_launch_at = None
+    log = None
+
+    @classmethod
+    def record(cls, event):
+        if cls.log:
+            with open(cls.log, "a") as file:
+                file.write(f"{event} {os.getpid()}\n")
 
 
 class FakeController:
@@ -152,10 +170,18 @@ class FakeController:
 class FakeProcess:
     def __init__(self):
         Counters.launches += 1
+        if Counters.launches == Counters.fail_launch_at:
+            Counters.record("failed")
+            raise remote_controller.ConnectError(
+                "Failed to connect to the SC2 websocket. Is it up?"
+            )
+        Counters.record("launch")
         self.controller = FakeController()
         self.closed = False
 
     def close(self):
+        if not self.closed:
+            Counters.record("close")
         Counters.closes += not self.closed
         self.closed = True
 
@@ -180,3 +206,16 @@ def install():
 
     pysc2.run_configs.get = FakeRunConfig
     return Counters
+
+
+def number(name):
+    return int(os.environ[name]) if os.environ.get(name) else None
+
+
+if __name__ == "__main__":
+    install()
+    Counters.fail_step_at = number("FAKE_SC2_FAIL_STEP_AT")
+    Counters.fail_launch_at = number("FAKE_SC2_FAIL_LAUNCH_AT")
+    Counters.log = os.environ.get("FAKE_SC2_LOG") or None
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")

@@ -10,7 +10,9 @@ installed in a scratch environment (their get_env_info() works without the game)
   (list of obs, state); smacv2's capability wrapper retries a CannotResetException and then returns None;
 - step(actions) -> (reward, terminated, info) with info {battle_won, dead_allies, dead_enemies} and, with
   continuing_episode=True, episode_limit=True at the limit (terminated is True there too); after a StarCraft II
-  protocol error it restarts and returns (0, True, {});
+  protocol error it relaunches the game and returns (0, True, {}), without counting the episode;
+- max_reward, smac's reward normaliser, grows by the enemies' health at every launch (a reset while no episode has
+  ended launches; _sc2_proc is the game, GameProcess.running counts those not closed);
 - get_obs() a list of float32 arrays, get_state() a float32 array, get_avail_actions() lists of ints with
   0 no-op (only for dead units, then the only one), 1 stop, 2-5 moves, 6 + k attack enemy k.
 The battle itself is a toy (scripted damage), not StarCraft.
@@ -41,6 +43,18 @@ class CannotResetException(Exception):
     pass
 
 
+class GameProcess:
+    """pysc2's StarCraftProcess: counts the games running in this process."""
+
+    running = 0
+
+    def __init__(self):
+        GameProcess.running += 1
+
+    def close(self):
+        GameProcess.running -= 1
+
+
 class StarCraft2Env:
     # test hooks: every `restart_every`-th step of the process's envs hits a protocol error; the first
     # `failed_resets` resets of a smacv2 env raise CannotResetException
@@ -69,6 +83,9 @@ class StarCraft2Env:
         self._seed = seed
         self._episode_count = 0
         self._steps_total = 0
+        # smac's reward normaliser: the win and kill bonuses, plus the enemies' health at each launch
+        self.max_reward = 200 + 10 * n_enemies
+        self._sc2_proc = None
         self.rng = np.random.default_rng(seed)
         self.health = np.ones(n_agents + n_enemies)
 
@@ -82,6 +99,8 @@ class StarCraft2Env:
         )
         if not os.path.isdir(versions):
             raise FileNotFoundError(2, "No such file or directory", versions)
+        self._sc2_proc = GameProcess()
+        self.max_reward += self.n_enemies  # smac adds the enemies' health at every launch
 
     def reset(self, episode_config=None):
         if self._episode_count == 0:
@@ -97,8 +116,11 @@ class StarCraft2Env:
         assert all(avail[i][a] for i, a in enumerate(actions)), "an unavailable action was sent"
         self._steps_total += 1
         if self.restart_every and self._steps_total % self.restart_every == 0:
-            self._episode_count += 1
-            return 0, True, {}  # the real env restarts StarCraft II after a protocol error
+            # the real env relaunches StarCraft II after a protocol error (full_restart), and does
+            # not count the episode
+            self._sc2_proc.close()
+            self._launch()
+            return 0, True, {}
         self._episode_steps += 1
         before = self.health.copy()
         for a in actions:  # attacks hit their target; then the enemies hit random allies
@@ -149,7 +171,9 @@ class StarCraft2Env:
         return {}
 
     def close(self):
-        pass
+        if self._sc2_proc is not None:
+            self._sc2_proc.close()
+            self._sc2_proc = None
 
 
 class StarCraftCapabilityEnvWrapper:
