@@ -19,6 +19,7 @@ Jump to: LoRALinear (the LoRA layer), start_phase (the switch), update (A2PO's o
 import argparse
 import contextlib
 import dataclasses
+import functools
 import importlib.metadata
 import importlib.util
 import math
@@ -68,10 +69,15 @@ class Args:
     save_model: bool = True  # checkpoints at every evaluation, the switch, the end and Ctrl-C
     checkpoint: Optional[str] = None  # start from this checkpoint.pt (ps checkpoint: lora at once)
     resume: bool = False  # with --checkpoint: continue that run (folder, steps, optimisers, RNG)
-    eval_only: bool = False  # with --checkpoint: evaluate its policy, print, write nothing
+    eval_only: bool = (
+        False  # with --checkpoint: evaluate its policy and print (writes no run folder)
+    )
     track: bool = False  # follow the run in Weights & Biases (pip install wandb==0.23.1)
     wandb_project_name: str = "lorasa"  # the W&B project of --track
     wandb_entity: str = ""  # the W&B team of --track ("": your default entity)
+    capture_video: bool = (
+        False  # film 10 s of the first episode of each evaluation (runs/<run>/videos)
+    )
 
     total_timesteps: int = 12_000_000  # env steps of the whole run (--resume: may extend it)
     num_envs: int = 16  # parallel training envs
@@ -256,7 +262,13 @@ class MaMuJoCoEnv(gym.Env):
     reward."""
 
     def __init__(
-        self, scenario, agent_conf, agent_obsk=1, obs_mode="local_k", max_episode_steps=1000
+        self,
+        scenario,
+        agent_conf,
+        agent_obsk=1,
+        obs_mode="local_k",
+        max_episode_steps=1000,
+        render=False,
     ):
         mamujoco_v1, get_parts_and_edges = import_mamujoco()
         factorization = None
@@ -270,7 +282,11 @@ class MaMuJoCoEnv(gym.Env):
             agent_factorization=factorization,
             global_categories=(),
             max_episode_steps=max_episode_steps,
+            # --capture-video: small frames, as MuJoCo renders in software without a GPU
+            **(dict(render_mode="rgb_array", width=240, height=240) if render else {}),
         )
+        self.rendering = render
+        self.fps = self.env.single_agent_env.metadata["render_fps"]
         self.agents = self.env.possible_agents
         n = len(self.agents)
         self.global_obs = obs_mode == "global"
@@ -306,6 +322,9 @@ class MaMuJoCoEnv(gym.Env):
         obs, _ = self.env.reset(seed=seed)
         return self.observe(obs), {}
 
+    def render(self):
+        return self.env.render() if self.rendering else None
+
     def step(self, action):
         actions = {}
         # drop the padding, map onto the bounds
@@ -320,34 +339,32 @@ class MaMuJoCoEnv(gym.Env):
         return self.observe(obs), reward, terminations[first], truncations[first], {}
 
 
-def make_env(args):
-    return MaMuJoCoEnv(
-        args.scenario, args.agent_conf, args.agent_obsk, args.obs_mode, args.max_episode_steps
-    )
+def make_env(args, render=False):
+    if args.capture_video and not os.environ.get("DISPLAY"):
+        # MuJoCo chooses its OpenGL when first imported; EGL renders without a display
+        os.environ.setdefault("MUJOCO_GL", "egl")
+    task = (args.scenario, args.agent_conf, args.agent_obsk, args.obs_mode)
+    return MaMuJoCoEnv(*task, args.max_episode_steps, render)
 
 
-def make_worker_env(args):
+def make_worker_env(args, render=False):
     """An env in an AsyncVectorEnv worker process, which leaves Ctrl-C to
     the main process: a terminal sends SIGINT to every process of the
     group, and the main one saves before it exits."""
     # not the vector env's probe in this process
     if multiprocessing.parent_process() is not None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    return make_env(args)
+    return make_env(args, render)
 
 
-def make_envs(args, seeds):
+def make_envs(args, seeds, record=False):
     """Gymnasium's vector env without autoreset (the rollout resets
     finished envs itself, after keeping their final state), and its
-    first observation."""
-    no_autoreset = gym.vector.AutoresetMode.DISABLED
-    if args.async_envs:
-        env_fns = [lambda: make_worker_env(args)] * len(seeds)
-        envs = gym.vector.AsyncVectorEnv(env_fns, autoreset_mode=no_autoreset)
-    else:
-        envs = gym.vector.SyncVectorEnv(
-            [lambda: make_env(args)] * len(seeds), autoreset_mode=no_autoreset
-        )
+    first observation; `record`: its first env renders (--capture-video)."""
+    make = make_worker_env if args.async_envs else make_env
+    env_fns = [functools.partial(make, args, record and k == 0) for k in range(len(seeds))]
+    vector = gym.vector.AsyncVectorEnv if args.async_envs else gym.vector.SyncVectorEnv
+    envs = vector(env_fns, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
     return envs, envs.reset(seed=seeds)[0]
 
 
@@ -1180,9 +1197,14 @@ def evaluate(args, actor, envs):
     episode_return = np.zeros(n)
     episode_length = np.zeros(n)
     done = np.zeros(n, bool)
+    # --capture-video: the first env's first 10 s (rendering does not change the simulation)
+    frames = []
+    film = 10 * envs.get_attr("fps")[0] if args.capture_video else 0
     # each agent's weights once per evaluation, not per step
     with merged_weights(actor):
         while not done.all():
+            if not done[0] and len(frames) < film:
+                frames.append(envs.call("render")[0])
             obs = torch.as_tensor(obs["obs"], device=h.device).transpose(0, 1)[:, None]
             mean, _, h = actor(obs, h, masks)
             actions = torch.tanh(mean[:, 0]).transpose(0, 1).cpu().numpy()
@@ -1196,18 +1218,39 @@ def evaluate(args, actor, envs):
             # keep the vector env steppable; no counting
             if ended.any() and not done.all():
                 obs, _ = envs.reset(options={"reset_mask": ended})
-    return dict(
-        episodic_return=episode_return.mean(), episodic_length=episode_length.mean(), num_episodes=n
-    )
+    result = dict(episodic_return=episode_return.mean(), episodic_length=episode_length.mean())
+    return dict(result, num_episodes=n, **(dict(frames=frames) if frames else {}))
+
+
+def save_video(folder, frames, fps, global_step, writer=None):
+    """--capture-video: <folder>/videos/eval_<step>.mp4, and in
+    TensorBoard (W&B too with --track); a missing codec is one warning."""
+    path = os.path.join(folder, "videos", f"eval_{global_step}.mp4")
+    try:
+        import imageio
+
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        imageio.mimsave(path, frames, fps=fps)
+    except Exception as error:  # noqa: BLE001 - no codec, no folder: the run goes on
+        why = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+        print(f"warning: --capture-video: no video ({why})", file=sys.stderr)
+        return
+    if writer is not None:
+        video = torch.as_tensor(np.stack(frames)).permute(0, 3, 1, 2)[None]
+        writer.add_video("eval/video", video, global_step, fps=fps)
+    print(f"  video: {path}")
 
 
 def log_evaluation(writer, args, actor, envs, global_step):
     start = time.time()
     result = evaluate(args, actor, envs)
+    frames = result.pop("frames", [])
     for key, value in result.items():
         writer.add_scalar(f"eval/{key}", value, global_step)
     writer.add_scalar("perf/eval_s", time.time() - start, global_step)
     print(f"  eval @ step {global_step}: return {result['episodic_return']:.2f}")
+    if frames:
+        save_video(writer.log_dir, frames, envs.get_attr("fps")[0], global_step, writer)
 
 
 # ==== 10. CHECKPOINTS ====
@@ -1236,7 +1279,7 @@ def load_checkpoint(args):
         fail(f"--checkpoint {args.checkpoint!r} was written by an earlier version of the scripts")
     if args.resume or args.eval_only:
         keep = ["cuda", "threads", "checkpoint", "resume", "eval_only", "run_dir", "track"]
-        keep += ["wandb_project_name", "wandb_entity", "async_envs"]
+        keep += ["wandb_project_name", "wandb_entity", "async_envs", "capture_video"]
         if args.eval_only:
             keep += ["seed", "eval_episodes", "max_episode_steps"]
         elif args.total_timesteps != Args.total_timesteps:
@@ -1476,12 +1519,15 @@ if __name__ == "__main__":
     actor_groups, actor_optims = start_phase(actor, phase, args)
     if args.resume:
         resume_training(checkpoint, actor_optims, device)
-    eval_envs, _ = make_envs(args, eval_seeds(args))
+    eval_envs, _ = make_envs(args, eval_seeds(args), record=args.capture_video)
 
     if args.eval_only:
         result = evaluate(args, actor, eval_envs)
         returns = f"return {result['episodic_return']:.2f}"
         print(f"eval {args.task} step {global_step}: {returns}, {args.eval_episodes} episodes")
+        if "frames" in result:  # beside the checkpoint
+            fps = eval_envs.get_attr("fps")[0]
+            save_video(os.path.dirname(args.checkpoint), result["frames"], fps, global_step)
         sys.exit(0)
 
     from torch.utils.tensorboard import SummaryWriter

@@ -59,7 +59,9 @@ class Args:
     save_model: bool = True  # checkpoints at every evaluation, the switch, the end and Ctrl-C
     checkpoint: Optional[str] = None  # start from this checkpoint.pt (ps checkpoint: lora at once)
     resume: bool = False  # with --checkpoint: continue that run (folder, steps, optimisers, RNG)
-    eval_only: bool = False  # with --checkpoint: evaluate its policy, print, write nothing
+    eval_only: bool = (
+        False  # with --checkpoint: evaluate its policy and print (writes no run folder)
+    )
     track: bool = False  # follow the run in Weights & Biases (pip install wandb==0.23.1)
     wandb_project_name: str = "lorasa"  # the W&B project of --track
     wandb_entity: str = ""  # the W&B team of --track ("": your default entity)
