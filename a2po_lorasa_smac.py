@@ -59,9 +59,7 @@ class Args:
     save_model: bool = True  # checkpoints at every evaluation, the switch, the end and Ctrl-C
     checkpoint: Optional[str] = None  # start from this checkpoint.pt (ps checkpoint: lora at once)
     resume: bool = False  # with --checkpoint: continue that run (folder, steps, optimisers, RNG)
-    eval_only: bool = (
-        False  # with --checkpoint: evaluate its policy and print (writes no run folder)
-    )
+    eval_only: bool = False  # with --checkpoint: evaluate its policy, print (no run folder)
     track: bool = False  # follow the run in Weights & Biases (pip install wandb==0.23.1)
     wandb_project_name: str = "lorasa"  # the W&B project of --track
     wandb_entity: str = ""  # the W&B team of --track ("": your default entity)
@@ -338,11 +336,10 @@ class GameError(RuntimeError):
 
 
 class StarCraft2(gym.Env):
-    """One StarCraft II env of `smac` (SMAC maps) or `smacv2` (its tasks)
-    as a gymnasium.Env: observation {"obs", "state", "avail"} as
-    agent_inputs, (N, ...) float32; step -> the team reward, terminated
-    (the battle ended, or StarCraft II restarted), truncated
-    (the episode limit), {"won": the battle was won}."""
+    """One StarCraft II env of `smac` (SMAC maps) or `smacv2` (its tasks) as a gymnasium.Env:
+    observation {"obs", "state", "avail"} as agent_inputs, (N, ...) float32; step -> the team
+    reward, terminated (the battle ended, or StarCraft II restarted), truncated (the episode
+    limit), {"won": the battle was won}."""
 
     def __init__(self, map_name, seed, state_mode, death_masking):
         smacv2_task = SMACV2_TASK.fullmatch(map_name)
@@ -399,7 +396,7 @@ class StarCraft2(gym.Env):
         # the game at every reset and adds the enemies' health to its reward normaliser again:
         # no reset without a step since the last one (make_envs and evaluate both reset the
         # eval env), and the normaliser of the first launch is kept (a restart in the first
-        # episode would relaunch)
+        # episode would relaunch; FIX 33)
         game = getattr(self.env, "env", self.env)  # smacv2's wrapper holds smac's env
         if self.played:
             if self.restarted and game._episode_count == 0:
@@ -594,13 +591,11 @@ def agent_linear(x, weight, bias):
 
 
 class LoRALinear(nn.Module):
-    """A linear layer shared by all agents plus one low-rank adapter per
-    agent (docs/method.md §3): y_i = x (W0 + s B_i A_i)^T + b0 + beta_i,
-    A_i (r, in), B_i (out, r), s = alpha / r. Before the switch
-    (`lora_on` False) it is the shared layer alone; rank 0: never
-    adapted. Each agent's A_i, B_i, beta_i are tensors of their own, so
-    that each agent's optimiser and gradient clip see only its own
-    (FIX 5)."""
+    """A linear layer shared by all agents plus one low-rank adapter per agent (docs/method.md §3):
+    y_i = x (W0 + s B_i A_i)^T + b0 + beta_i, A_i (r, in), B_i (out, r), s = alpha / r.
+    Before the switch (`lora_on` False) it is the shared layer alone; rank 0: never adapted.
+    Each agent's A_i, B_i, beta_i are tensors of their own, so that each agent's optimiser and
+    gradient clip see only its own (FIX 5)."""
 
     def __init__(self, n_in, n_out, n_agents, gain, rank, alpha, init, generator):
         super().__init__()
@@ -622,9 +617,8 @@ class LoRALinear(nn.Module):
             nn.init.kaiming_uniform_(tensor, a=math.sqrt(5), generator=generator)
 
     def weights(self, agents=None):
-        """The (W, b) the agents act with: the shared (out, in), (out,)
-        before the switch; after it W_i = W0 + s B_i A_i (n, out, in)
-        and b_i = b0 + beta_i (n, 1, out), computed per call."""
+        """The (W, b) the agents act with: the shared (out, in), (out,) before the switch; after it
+        W_i = W0 + s B_i A_i (n, out, in) and b_i = b0 + beta_i (n, 1, out), computed per call."""
         if self.merged is not None:
             return self.merged if agents is None else [w[agents] for w in self.merged]
         if not self.lora_on:
@@ -638,8 +632,7 @@ class LoRALinear(nn.Module):
 
 
 class AgentLinear(nn.Module):
-    """One independent linear layer per agent, for the nps baseline: y_i =
-    x W_i^T + b_i."""
+    """One independent linear layer per agent, for the nps baseline: y_i = x W_i^T + b_i."""
 
     def __init__(self, n_in, n_out, n_agents, gain):
         super().__init__()
@@ -710,10 +703,9 @@ def merged_weights(*models):
 
 # ==== 6. ACTOR, CRITIC, VALUENORM ====
 class RecurrentNetwork(nn.Module):
-    """All agents at once (docs/method.md §2): feature LayerNorm -> fc1,
-    fc2a, fc2b blocks (Linear-ReLU-LayerNorm) -> GRU -> LayerNorm ->
-    fc_post block -> head. nps: every layer per agent; otherwise shared,
-    with adapters from `generator` on the layers named in `adapted`."""
+    """All agents at once (docs/method.md §2): feature LayerNorm -> fc1, fc2a, fc2b blocks
+    (Linear-ReLU-LayerNorm) -> GRU -> LayerNorm -> fc_post block -> head. nps: every layer per
+    agent; otherwise shared, with adapters from `generator` on the layers named in `adapted`."""
 
     def __init__(self, n_in, n_out, n_agents, args, head_gain, nps, adapted, generator=None):
         super().__init__()
@@ -743,9 +735,8 @@ class RecurrentNetwork(nn.Module):
         self.head = linear("head", hidden, n_out, head_gain)
 
     def forward(self, x, h, masks, agents=None):
-        """x (n, T, B, in), h (n, B, H), masks (T, B) -> outputs
-        (n, T, B, out), the hidden state after every step (n, T, B, H);
-        n = all agents or len(agents)."""
+        """x (n, T, B, in), h (n, B, H), masks (T, B) -> outputs (n, T, B, out), the hidden state
+        after every step (n, T, B, H); n = all agents or len(agents)."""
         x = self.feature_norm(x, agents)
         for name in ("fc1", "fc2a", "fc2b"):
             x = self.norms[name](F.relu(self.fcs[name](x, agents)), agents)
@@ -755,10 +746,9 @@ class RecurrentNetwork(nn.Module):
         return self.head(x, agents), hs
 
     def gru(self, x, h, masks, agents=None):
-        """torch.nn.GRU's equations, gates [r, z, n] (FIX 9): h <- h *
-        mask_t, then r, z = sig(gx_rz + gh_rz), n = tanh(gx_n + r gh_n),
-        h' = (1 - z) n + z h, gx = W_x x + b_x (all steps at once), gh =
-        W_h h + b_h (one step at a time)."""
+        """torch.nn.GRU's equations, gates [r, z, n] (FIX 9): h <- h * mask_t, then
+        r, z = sig(gx_rz + gh_rz), n = tanh(gx_n + r gh_n), h' = (1 - z) n + z h,
+        gx = W_x x + b_x (all steps at once), gh = W_h h + b_h (one step at a time)."""
         hidden = h.shape[-1]
         gx_rz, gx_n = self.gru_x(x, agents).split([2 * hidden, hidden], dim=-1)
         # once per call, not once per step
@@ -791,9 +781,8 @@ class CategoricalActor(RecurrentNetwork):
         self.nps = nps
 
     def forward(self, obs, h, masks, avail, agents=None):
-        """obs (n, T, B, obs_dim), avail (n, T, B, n_actions) -> masked
-        logits (n, T, B, n_actions), the hidden state after the last
-        step (n, B, H)."""
+        """obs (n, T, B, obs_dim), avail (n, T, B, n_actions) -> masked logits (n, T, B,
+        n_actions), the hidden state after the last step (n, B, H)."""
         logits, hs = super().forward(obs, h, masks, agents)
         return logits.masked_fill(avail == 0, -1e10), hs[:, -1]
 
@@ -813,10 +802,9 @@ class Critic(RecurrentNetwork):
 
 
 class ValueNorm(nn.Module):
-    """One running normaliser of the returns per agent (docs/method.md §5,
-    KEEP 25): exponential averages (beta) of R, of R^2 and of 1 (the
-    debiasing term d >= 1e-5) per agent; mean = avg(R) / d, var =
-    max(avg(R^2) / d - mean^2, 1e-2)."""
+    """One running normaliser of the returns per agent (docs/method.md §5, KEEP 25): exponential
+    averages (beta) of R, of R^2 and of 1 (the debiasing term d >= 1e-5) per agent;
+    mean = avg(R) / d, var = max(avg(R^2) / d - mean^2, 1e-2)."""
 
     def __init__(self, n_agents, beta=0.99999):
         super().__init__()
@@ -861,12 +849,10 @@ def agent_parameters(actor, i, args):
 
 
 def start_phase(actor, phase, args):
-    """The actor parameters that train and their optimisers, fresh
-    (docs/method.md §1). ps: the shared actor, one Adam. lora: the
-    adapters on (the policy is unchanged: dW = 0), every shared
-    parameter frozen (FIX 8), one Adam per agent over its adapters
-    (FIX 5). nps: one Adam per agent over its network. The critic is not
-    touched (FIX 26)."""
+    """The actor parameters that train and their optimisers, fresh (docs/method.md §1).
+    ps: the shared actor, one Adam. lora: the adapters on (the policy is unchanged: dW = 0),
+    every shared parameter frozen (FIX 8), one Adam per agent over its adapters (FIX 5).
+    nps: one Adam per agent over its network. The critic is not touched (FIX 26)."""
     for module in actor.modules():
         if isinstance(module, LoRALinear):
             module.lora_on = phase == "lora" and module.rank > 0
@@ -883,12 +869,10 @@ def start_phase(actor, phase, args):
 
 # ==== 7. ROLLOUT BUFFER, CHUNKS, GAE ====
 class RolloutBuffer:
-    """One iteration's data (docs/method.md §7), agent-major:
-    (N, T[+1], E, ...) or (T[+1], E). Row T becomes the next iteration's
-    row 0. masks[t] = 0: an episode ended at step t - 1. active[t] = 0:
-    the agent is dead at step t (only its no-op is available). boot[t] =
-    1: step t was a timeout bootstrapped from its final state
-    (--bootstrap-timeouts)."""
+    """One iteration's data (docs/method.md §7), agent-major: (N, T[+1], E, ...) or (T[+1], E).
+    Row T becomes the next iteration's row 0. masks[t] = 0: an episode ended at step t - 1.
+    active[t] = 0: the agent is dead at step t (only its no-op is available).
+    boot[t] = 1: step t was a timeout bootstrapped from its final state (--bootstrap-timeouts)."""
 
     def __init__(self, args, n_agents, obs_dim, state_dim, n_actions, device):
         N, T, E, H = n_agents, args.num_steps, args.num_envs, args.hidden_size
@@ -989,10 +973,9 @@ def critic_values(critic, buf):
 
 
 def gae(rewards, values, masks, bad_masks, gamma, lam):
-    """GAE (docs/method.md §7) along axis -2: rewards (..., T, E); values,
-    masks, bad_masks (..., T + 1, E). delta_t = r_t + gamma V_{t+1}
-    m_{t+1} - V_t, A_t = (delta_t + gamma lam m_{t+1} A_{t+1}) b_{t+1}.
-    Returns A + V (the returns)."""
+    """GAE (docs/method.md §7) along axis -2: rewards (..., T, E); values, masks, bad_masks
+    (..., T + 1, E). delta_t = r_t + gamma V_{t+1} m_{t+1} - V_t,
+    A_t = (delta_t + gamma lam m_{t+1} A_{t+1}) b_{t+1}. Returns A + V (the returns)."""
     advantages = torch.zeros_like(values[..., :-1, :])
     last = torch.zeros_like(values[..., 0, :])
     for t in reversed(range(rewards.shape[-2])):
@@ -1022,11 +1005,9 @@ def compute_returns(args, buf, value_norm):
 
 
 def chunk_minibatches(data, T, chunk_length, num_minibatches):
-    """Every env's stream cut into chunks of `chunk_length` steps, shuffled
-    into minibatches (method §6): (N, T[+1], E, ...) ->
-    (N, L, chunks, ...), (T[+1], E) -> (L, chunks), and a hidden state
-    (key ending in `_h`) -> the stored one at each chunk's start
-    (N, chunks, H)."""
+    """Every env's stream cut into chunks of `chunk_length` steps, shuffled into minibatches
+    (method §6): (N, T[+1], E, ...) -> (N, L, chunks, ...), (T[+1], E) -> (L, chunks), and a
+    hidden state (key ending in `_h`) -> the stored one at each chunk's start (N, chunks, H)."""
     C = T // chunk_length
     chunked = {}
     for key, x in data.items():
@@ -1053,9 +1034,8 @@ def huber(x, delta):
 
 
 def value_loss(args, critic, value_norm, mb, agents=None):
-    """Clipped Huber value loss (docs/method.md §5), in normalised units,
-    over all steps: mean max(Huber(norm(R) - V), Huber(norm(R) -
-    V_clip)), V_clip = V_old + clip(V - V_old)."""
+    """Clipped Huber value loss (docs/method.md §5), in normalised units, over all steps:
+    mean max(Huber(norm(R) - V), Huber(norm(R) - V_clip)), V_clip = V_old + clip(V - V_old)."""
     values, _ = critic(mb["state"], mb["critic_h"], mb["masks"], agents)
     target = value_norm.normalize(mb["returns"], agents)
     change = (values - mb["values"]).clamp(-args.value_clip_coef, args.value_clip_coef)
@@ -1078,11 +1058,10 @@ def clip_and_step(optimizers, groups, max_norm):
 
 
 def retrace_trace(deltas, rho, masks, bad_masks, gamma, lam, c_bar=1.0, lambda_squared=True):
-    """Trace (a) of docs/method.md §11, time-major: deltas, rho (T, ...);
-    masks, bad_masks (T + 1, ...). c_t = lam min(rho_t, c_bar) (KEEP 15:
-    lam again on top of gamma lam; --no-trace-lambda-squared:
-    min(rho_t, c_bar)), A_T = 0, A_t = b_{t+1} [delta_t + gamma lam
-    m_{t+1} c_{t+1} A_{t+1}]. rho = 1: GAE(lam^2) (GAE(lam))."""
+    """Trace (a) of docs/method.md §11, time-major: deltas, rho (T, ...); masks, bad_masks
+    (T + 1, ...). c_t = lam min(rho_t, c_bar) (KEEP 15: lam again on top of gamma lam;
+    --no-trace-lambda-squared: min(rho_t, c_bar)), A_T = 0,
+    A_t = b_{t+1} [delta_t + gamma lam m_{t+1} c_{t+1} A_{t+1}]. rho = 1: GAE(lam^2) (GAE(lam))."""
     T = deltas.shape[0]
     c = rho.clamp(max=c_bar) * (lam if lambda_squared else 1.0)
     advantages = torch.zeros_like(deltas)
@@ -1093,10 +1072,9 @@ def retrace_trace(deltas, rho, masks, bad_masks, gamma, lam, c_bar=1.0, lambda_s
 
 
 def speedup_trace(deltas, rho, masks, bad_masks, gamma, lam):
-    """Trace (b) of docs/method.md §11: A_t = sum_{k>=t} (gamma lam)^{k-t}
-    C_{t,k} prod_{j=t+1..k} m_j prod_{j=t..k} b_{j+1} delta_k, C_{t,t} =
-    1, C_{t,k} = min(1, rho_k C_{t,k-1}); rho = 1 gives GAE(lam).
-    O(T^2): vectorised over t, a loop over k."""
+    """Trace (b) of docs/method.md §11: A_t = sum_{k>=t} (gamma lam)^{k-t} C_{t,k}
+    prod_{j=t+1..k} m_j prod_{j=t..k} b_{j+1} delta_k, C_{t,t} = 1, C_{t,k} = min(1, rho_k
+    C_{t,k-1}); rho = 1 gives GAE(lam). O(T^2): vectorised over t, a loop over k."""
     advantages = torch.zeros_like(deltas)
     # row t: (gamma lam)^{k-t} prod m prod b; 0 until k = t
     weight = torch.zeros_like(deltas)
@@ -1112,11 +1090,9 @@ def speedup_trace(deltas, rho, masks, bad_masks, gamma, lam):
 
 
 def trace_deltas(args, buf, value_norm, i, last_value):
-    """Agent i's TD errors (T, E) for its trace, de-normalised with VN_i's
-    statistics at the time of the trace: delta_t = r_t + gamma b_t
-    V(s_final) + gamma V_{t+1} m_{t+1} - V_t, V_t the rollout's values,
-    V_T = last_value (normalised, from the current critic), b_t =
-    buf.boot[t]."""
+    """Agent i's TD errors (T, E) for its trace, de-normalised with VN_i's statistics at the time
+    of the trace: delta_t = r_t + gamma b_t V(s_final) + gamma V_{t+1} m_{t+1} - V_t, V_t the
+    rollout's values, V_T = last_value (normalised, from the current critic), b_t = buf.boot[t]."""
     value = value_norm.denormalize(torch.cat([buf.values[[i], :-1], last_value], 1), [i])[0]
     rewards = (
         buf.rewards + args.gamma * buf.boot * value_norm.denormalize(buf.final_values[[i]], [i])[0]
@@ -1125,8 +1101,8 @@ def trace_deltas(args, buf, value_norm, i, last_value):
 
 
 def clip_eps(args, position, n_agents):
-    """docs/method.md §11: eps_k = eps (w k / n + 1 - w), k the 1-based
-    position, w --clip-tuner-weight."""
+    """docs/method.md §11: eps_k = eps (w k / n + 1 - w), k the 1-based position, w
+    --clip-tuner-weight."""
     w = args.clip_tuner_weight
     return args.clip_coef * (w * position / n_agents + 1 - w)
 
@@ -1196,11 +1172,10 @@ def policy_ratios(args, actor, data, agents, cache, stepwise):
 
 @torch.no_grad()
 def trace_agent(args, models, buf, data, i, agents, cache, returns, stats):
-    """docs/method.md §11: agent i's returns re-estimated with rho_t =
-    prod_{j in agents} r_j, V_T from the current critic, all
-    de-normalised with VN_i's statistics now; then every agent's
-    advantages R - V standardised over the entries where the agent is
-    alive (as compute_returns). Returns new returns and advantages."""
+    """docs/method.md §11: agent i's returns re-estimated with rho_t = prod_{j in agents} r_j,
+    V_T from the current critic, all de-normalised with VN_i's statistics now; then every agent's
+    advantages R - V standardised over the entries where the agent is alive (as compute_returns).
+    Returns new returns and advantages."""
     actor, critic, value_norm = models
     last_value, _ = critic(buf.state[[i], -1:], buf.critic_h[[i], -1], buf.masks[-1:], [i])
     deltas, value = trace_deltas(args, buf, value_norm, i, last_value)
@@ -1495,9 +1470,8 @@ def check_checkpoint(args, checkpoint):
 
 
 def load_weights(args, checkpoint, actor, critic, value_norm, critic_optim):
-    """Load a checkpoint's networks; returns the phase, step and iteration
-    to go on from. A ps checkpoint gives the shared weights only: this
-    run's adapters keep their init (dW = 0)."""
+    """Load a checkpoint's networks; returns the phase, step and iteration to go on from. A ps
+    checkpoint gives the shared weights only: this run's adapters keep their init (dW = 0)."""
     from_ps = checkpoint["phase"] == "ps"
     actor_state = {k: v for k, v in checkpoint["actor"].items() if not (from_ps and "lora_" in k)}
     actor.load_state_dict(actor_state, strict=not from_ps)
@@ -1779,11 +1753,11 @@ if __name__ == "__main__":
         if ctrl_c.pressed:
             save("checkpoint.pt")
             print(f"interrupted: checkpoint of step {global_step} in {run_path}", file=sys.stderr)
-    except GameError as error:
-        # StarCraft II failed in the run, e.g. a relaunch after a restart
-        fail(f"{launch_problem(error)}; the last checkpoint is {last_checkpoint}")
-    except FloatingPointError as error:
+    except (GameError, FloatingPointError) as error:
         last = last_checkpoint or "none (--no-save-model, or none written yet)"
+        if isinstance(error, GameError):
+            # StarCraft II failed in the run, e.g. a relaunch after a restart
+            fail(f"{launch_problem(error)}; the last checkpoint is {last}")
         diverged = f"training diverged at step {global_step} ({error})"
         print(f"error: {diverged}; the last good checkpoint is {last}", file=sys.stderr)
         sys.exit(3)

@@ -119,3 +119,16 @@ def assert_only_the_current_agent_moved(steps, actor, groups, stats, mode, loop,
         order = sorted(range(N), key=lambda i: stats[f"a2po/order_pos/agent_{i}"])
         assert [k for k, _ in steps] == [i for i in order for _ in range(epochs)]
     assert {"a2po/others_ratio_mean", "a2po/trace_rho_mean", f"a2po/clip_eps/pos_{N}"} <= set(stats)
+
+
+def sc2_folder(path, game=b"\x7fELF", mode=0o755):
+    """A StarCraft II folder as resolve_backend checks it: Versions/Base75689/SC2_x64 (`game`:
+    its content, None: absent) and the map files."""
+    (path / "Versions" / "Base75689").mkdir(parents=True)
+    (path / "Maps" / "SMAC_Maps").mkdir(parents=True)
+    for name in ("3m", "3s5z", "32x32_flat"):
+        (path / "Maps" / "SMAC_Maps" / f"{name}.SC2Map").write_bytes(b"")
+    if game is not None:
+        (path / "Versions" / "Base75689" / "SC2_x64").write_bytes(game)
+        (path / "Versions" / "Base75689" / "SC2_x64").chmod(mode)
+    return path

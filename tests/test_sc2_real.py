@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SCRIPTS, load_script, make_args, only_run, present, scalars
+from conftest import ROOT, SCRIPTS, load_script, make_args, only_run, present, sc2_folder, scalars
 
 SMAC = present([s for s in SCRIPTS if s.endswith("smac.py")])
 TESTS = os.path.join(ROOT, "tests")
@@ -43,17 +43,6 @@ TASK_PARAMS = [pytest.param(task, marks=needs(TASKS[task]["package"])) for task 
 RELAUNCH = dict(FAKE_SC2_FAIL_STEP_AT="10", FAKE_SC2_FAIL_LAUNCH_AT="2")
 
 
-def sc2_folder(path):
-    """What resolve_backend checks: Versions/Base75689/SC2_x64 (an ELF header) and the maps."""
-    (path / "Versions" / "Base75689").mkdir(parents=True)
-    (path / "Maps" / "SMAC_Maps").mkdir(parents=True)
-    for name in ("3s5z", "32x32_flat"):
-        (path / "Maps" / "SMAC_Maps" / f"{name}.SC2Map").write_bytes(b"")
-    (path / "Versions" / "Base75689" / "SC2_x64").write_bytes(b"\x7fELF")
-    (path / "Versions" / "Base75689" / "SC2_x64").chmod(0o755)
-    return str(path)
-
-
 def play(script, task, cwd, **env):
     """A whole run of `script` on the simulated game (tests/fake_sc2/fake_game.py runs it): two
     iterations of 2 envs x 40 steps, phase ps then lora, evaluations of 2 episodes at the start
@@ -61,7 +50,9 @@ def play(script, task, cwd, **env):
     flags = ["--map", task, "--env-backend", "sc2", "--num-envs", "2", "--num-steps", "40"]
     flags += ["--total-timesteps", "160", "--eval-episodes", "2"]
     log = cwd / "games.log"
-    env = dict(os.environ, SC2PATH=sc2_folder(cwd / "StarCraftII"), FAKE_SC2_LOG=str(log), **env)
+    env = dict(
+        os.environ, SC2PATH=str(sc2_folder(cwd / "StarCraftII")), FAKE_SC2_LOG=str(log), **env
+    )
     command = [sys.executable, os.path.join(FAKE_GAME, "fake_game.py")]
     command += [os.path.join(ROOT, script), *flags]
     res = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)

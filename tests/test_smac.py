@@ -16,7 +16,17 @@ import numpy as np
 import pytest
 import torch
 import tyro
-from conftest import ROOT, SCRIPTS, load_script, make_args, only_run, present, run, scalars
+from conftest import (
+    ROOT,
+    SCRIPTS,
+    load_script,
+    make_args,
+    only_run,
+    present,
+    run,
+    sc2_folder,
+    scalars,
+)
 
 SMAC = present([s for s in SCRIPTS if s.endswith("smac.py")])
 STANDIN = os.path.join(ROOT, "tests", "standin")
@@ -26,19 +36,6 @@ REAL = all(importlib.util.find_spec(name) for name in ("pysc2", "smac", "s2clien
 NOT_REAL = "needs the real pysc2 and smac (pip install --no-deps, see tests/fake_sc2)"
 TINY = ["--map", "3m", "--num-envs", "2", "--num-steps", "40", "--eval-episodes", "2"]
 PIPES = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def sc2_folder(path, game=b"\x7fELF", mode=0o755):
-    """A StarCraft II folder as resolve_backend checks it: Versions/Base75689/SC2_x64 (`game`:
-    its content, None: absent) and the map files."""
-    (path / "Versions" / "Base75689").mkdir(parents=True)
-    (path / "Maps" / "SMAC_Maps").mkdir(parents=True)
-    for name in ("3m", "3s5z", "32x32_flat"):
-        (path / "Maps" / "SMAC_Maps" / f"{name}.SC2Map").write_bytes(b"")
-    if game is not None:
-        (path / "Versions" / "Base75689" / "SC2_x64").write_bytes(game)
-        (path / "Versions" / "Base75689" / "SC2_x64").chmod(mode)
-    return path
 
 
 @pytest.fixture(scope="module")
