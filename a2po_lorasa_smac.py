@@ -63,6 +63,7 @@ class Args:
     track: bool = False  # follow the run in Weights & Biases (pip install wandb==0.23.1)
     wandb_project_name: str = "lorasa"  # the W&B project of --track
     wandb_entity: str = ""  # the W&B team of --track ("": your default entity)
+    capture_video: bool = False  # film each evaluation (SMAX) or keep its replay (StarCraft II)
 
     total_timesteps: int = 12_000_000  # env steps of the whole run (--resume: may extend it)
     num_envs: int = 10  # parallel training envs
@@ -425,6 +426,14 @@ class StarCraft2(gym.Env):
         won = bool(info.get("battle_won", False))
         return self.observe(), float(reward), terminated and not timeout, timeout, {"won": won}
 
+    def replay(self):
+        """--capture-video: the game's own replay (bytes of a .SC2Replay), from its launch on."""
+        game = getattr(self.env, "env", self.env)
+        try:
+            return game._controller.save_replay()
+        except Exception as error:
+            raise GameError(f"{type(error).__name__}: {error}") from None
+
     def close(self):
         self.env.close()
 
@@ -497,13 +506,39 @@ def smax_functions(map_name, state_mode, death_masking):
         reward = rewards[env.agents[0]]  # the team reward
         return key, state, observe(state, obs), reward, terminated, truncated, won
 
+    def ticks(key, state, actions):
+        """--capture-video: the world's ticks within one step of one env (the same key as step),
+        positions and radii in map widths, health as a fraction."""
+        _, step_key = jax.random.split(key)
+        smax_actions = {agent: to_smax[actions[i]] for i, agent in enumerate(env.agents)}
+        world = env.step_env(step_key, state, smax_actions, get_state_sequence=True)
+        health = world.unit_health / env.unit_type_health[world.unit_types]
+        radius = env.unit_type_radiuses[world.unit_types] / env.map_width
+        return world.unit_positions / env.map_width, world.unit_alive, health, radius
+
     def select(mask, new, old):
         def where(a, b):
             return jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
 
         return jax.tree.map(where, new, old)
 
-    return jax, jax.jit(jax.vmap(reset)), jax.jit(jax.vmap(step)), jax.jit(select)
+    functions = (jax.vmap(reset), jax.vmap(step), select, ticks)
+    return jax, *(jax.jit(function) for function in functions)
+
+
+def draw_battle(positions, alive, health, radius, n_allies, size=240):
+    """One frame of a SMAX battle (--capture-video): a dark-rimmed disc per living unit, 1.5 times
+    its type's radius (to be seen), allies blue and enemies red, paler as they lose health.
+    JaxMARL's SMAXVisualizer compiles a jax.lax.cond per unit and frame: seconds per frame here."""
+    grid = (np.arange(size) + 0.5) / size
+    frame = np.full((size, size, 3), 255.0)
+    for k in np.flatnonzero(alive):
+        color = np.array([40, 90, 220] if k < n_allies else [220, 50, 40])
+        disc = (grid[None] - positions[k, 0]) ** 2 + (grid[:, None] - positions[k, 1]) ** 2
+        frame[disc <= (1.5 * radius[k] + 1.5 / size) ** 2] = 60
+        frame[disc <= (1.5 * radius[k]) ** 2] = 255 - (0.3 + 0.7 * health[k]) * (255 - color)
+    # row 0 is the top of the map
+    return frame[::-1].astype(np.uint8)
 
 
 class SMAXEnvs:
@@ -514,8 +549,10 @@ class SMAXEnvs:
 
     def __init__(self, map_name, num_envs, args):
         functions = smax_functions(map_name, args.state_mode, args.death_masking)
-        self.jax, self.reset_all, self.step_all, self.select = functions
+        self.jax, self.reset_all, self.step_all, self.select, self.ticks = functions
         self.num_envs = num_envs
+        # --capture-video: every second tick of 1/16 s at 16 frames per second, twice real time
+        self.fps = 16
         self.reset(seed=list(range(num_envs)))
         shapes = {key: value.shape[1:] for key, value in self.observation.items()}
         spaces = {key: gym.spaces.Box(-np.inf, np.inf, shape) for key, shape in shapes.items()}
@@ -538,6 +575,15 @@ class SMAXEnvs:
         obs = {key: np.array(value) for key, value in self.observation.items()}
         info = {"won": np.array(won)}
         return obs, np.array(reward), np.array(terminated), np.array(truncated), info
+
+    def film(self, actions):
+        """--capture-video: the frames of env 0's coming step under `actions` (envs, agents)."""
+        state = self.jax.tree.map(lambda x: x[0], self.states)
+        ticks = self.ticks(self.keys[0], state, actions[0])
+        positions, alive, health, radius = (np.array(x) for x in ticks)
+        n = actions.shape[1]
+        frames = zip(positions[1::2], alive[1::2], health[1::2])
+        return [draw_battle(*frame, radius[0], n) for frame in frames]
 
     def close(self):
         pass
@@ -1361,6 +1407,9 @@ def evaluate(args, actor, envs):
     episode_return = np.zeros(n)
     episode_length = np.zeros(n)
     episodes = []
+    # --capture-video on SMAX: env 0's first episode, up to 20 s of video (40 s of battle)
+    frames = []
+    film = 20 * envs.fps if args.capture_video and args.env_backend == "smax" else 0
     # each agent's weights once per evaluation, not per step
     with merged_weights(actor):
         while remaining.any():
@@ -1368,8 +1417,10 @@ def evaluate(args, actor, envs):
                 torch.as_tensor(obs[k]).transpose(0, 1)[:, None] for k in ("obs", "avail")
             )
             logits, h = actor(obs.to(device), h, masks, avail.to(device))
-            action = logits[:, 0].argmax(-1)
-            obs, reward, terminated, truncated, info = envs.step(action.T.cpu().numpy())
+            actions = logits[:, 0].argmax(-1).T.cpu().numpy()
+            if remaining[0] == share[0] and len(frames) < film:
+                frames += envs.film(actions)
+            obs, reward, terminated, truncated, info = envs.step(actions)
             episode_return += reward
             episode_length += 1
             done = terminated | truncated
@@ -1386,17 +1437,71 @@ def evaluate(args, actor, envs):
             if done.any() and remaining.any():
                 obs, _ = envs.reset(options={"reset_mask": done})
     won, returns, lengths = np.array(episodes, dtype=np.float64).T
-    return dict(
-        win_rate=won.mean(),
-        episodic_return=returns.mean(),
-        episodic_length=lengths.mean(),
-        num_episodes=len(won),
-    )
+    result = dict(win_rate=won.mean(), episodic_return=returns.mean())
+    result.update(episodic_length=lengths.mean(), num_episodes=len(won))
+    if frames:
+        result["frames"] = frames[:film]
+    if args.capture_video and args.env_backend == "sc2":
+        result["replay"] = envs.call("replay")[0]
+    return result
+
+
+def save_video(path, frames, fps, global_step, writer=None):
+    """--capture-video: the frames as the mp4 `path`, and in TensorBoard
+    (W&B too with --track); a missing codec is one warning."""
+    try:
+        import imageio
+
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        # JAX warns at every fork; ffmpeg's process runs a new program at once
+        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called")
+        imageio.mimsave(path, frames, fps=fps)
+    except Exception as error:  # noqa: BLE001 - no codec, no folder: the run goes on
+        why = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+        print(f"warning: --capture-video: no video ({why})", file=sys.stderr)
+        return
+    if writer is not None:
+        video = torch.as_tensor(np.stack(frames)).permute(0, 3, 1, 2)[None]
+        writer.add_video("eval/video", video, global_step, fps=fps)
+    print(f"  video: {path}")
+
+
+def save_replay(path, replay):
+    """--capture-video on StarCraft II: the replay as `path`, written
+    atomically; a failed write is one warning."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(f"{path}.tmp{os.getpid()}", "wb") as file:
+            file.write(replay)
+        os.replace(f"{path}.tmp{os.getpid()}", path)
+    except OSError as error:
+        print(f"warning: --capture-video: no replay ({error})", file=sys.stderr)
+        return
+    print(f"  replay: {path}")
+
+
+def save_film(result, envs, path, global_step, writer=None):
+    """What evaluate recorded with --capture-video: SMAX's film as
+    <path>.mp4, StarCraft II's replay as <path>.SC2Replay."""
+    if "frames" in result:
+        save_video(f"{path}.mp4", result.pop("frames"), envs.fps, global_step, writer)
+    if "replay" in result:
+        save_replay(f"{path}.SC2Replay", result.pop("replay"))
+
+
+def eval_only_path(args, global_step):
+    """--eval-only --capture-video: <checkpoint folder>/videos/eval-only_<step>_<unix time>, beside
+    the run's own videos, never one of them."""
+    name = f"eval-only_{global_step}_{int(time.time())}"
+    return os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "videos", name)
 
 
 def log_evaluation(writer, args, actor, envs, global_step):
     start = time.time()
     result = evaluate(args, actor, envs)
+    # StarCraft II's replay holds the eval game from its launch: one file, replaced each time
+    name = f"eval_{global_step}" if args.env_backend == "smax" else "eval"
+    save_film(result, envs, os.path.join(writer.log_dir, "videos", name), global_step, writer)
     for key, value in result.items():
         writer.add_scalar(f"eval/{key}", value, global_step)
     writer.add_scalar("perf/eval_s", time.time() - start, global_step)
@@ -1430,7 +1535,7 @@ def load_checkpoint(args):
         fail(f"--checkpoint {args.checkpoint!r} was written by an earlier version of the scripts")
     if args.resume or args.eval_only:
         keep = ["cuda", "threads", "checkpoint", "resume", "eval_only", "run_dir", "track"]
-        keep += ["wandb_project_name", "wandb_entity"]
+        keep += ["wandb_project_name", "wandb_entity", "capture_video"]
         if args.eval_only:
             keep += ["seed", "eval_episodes"]
         elif args.total_timesteps != Args.total_timesteps:
@@ -1683,6 +1788,7 @@ if __name__ == "__main__":
         result = evaluate(args, actor, eval_envs)
         returns = f"return {result['episodic_return']:.2f}, {args.eval_episodes} episodes"
         print(f"eval {args.task} step {global_step}: win rate {result['win_rate']:.3f}, {returns}")
+        save_film(result, eval_envs, eval_only_path(args, global_step), global_step)
         sys.exit(0)
 
     # new seeds on --resume: the simulators' states are not in the checkpoint

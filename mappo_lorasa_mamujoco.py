@@ -26,6 +26,7 @@ import multiprocessing
 import os
 import random
 import signal
+import subprocess
 import sys
 import time
 import warnings
@@ -316,10 +317,31 @@ class MaMuJoCoEnv(gym.Env):
         return self.observe(obs), reward, terminations[first], truncations[first], {}
 
 
+def renderer_works():
+    """--capture-video: whether MuJoCo renders here, tried in a subprocess before MuJoCo is
+    imported (it chooses its OpenGL once, at import: EGL without a display). If not: one
+    warning, and the run goes on without video."""
+    chosen = not os.environ.get("DISPLAY") and "MUJOCO_GL" not in os.environ
+    if chosen:
+        os.environ["MUJOCO_GL"] = "egl"
+    probe = "import mujoco; m = mujoco.MjModel.from_xml_string('<mujoco/>'); "
+    probe += "r = mujoco.Renderer(m, 8, 8); r.update_scene(mujoco.MjData(m)); r.render()"
+    try:
+        tried = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
+        )
+        if tried.returncode == 0:
+            return True
+        why = (tried.stderr.strip().splitlines() or ["no output"])[-1]
+    except subprocess.TimeoutExpired:
+        why = "no frame within 60 s"
+    print(f"warning: --capture-video: MuJoCo cannot render here, no video ({why})", file=sys.stderr)
+    if chosen:
+        del os.environ["MUJOCO_GL"]
+    return False
+
+
 def make_env(args, render=False):
-    if args.capture_video and not os.environ.get("DISPLAY"):
-        # MuJoCo chooses its OpenGL when first imported; EGL renders without a display
-        os.environ.setdefault("MUJOCO_GL", "egl")
     task = (args.scenario, args.agent_conf, args.agent_obsk, args.obs_mode)
     return MaMuJoCoEnv(*task, args.max_episode_steps, render)
 
@@ -964,14 +986,15 @@ def evaluate(args, actor, envs):
     return result
 
 
-def save_video(folder, frames, fps, global_step, writer=None):
-    """--capture-video: <folder>/videos/eval_<step>.mp4, and in
-    TensorBoard (W&B too with --track); a missing codec is one warning."""
-    path = os.path.join(folder, "videos", f"eval_{global_step}.mp4")
+def save_video(path, frames, fps, global_step, writer=None):
+    """--capture-video: the frames as the mp4 `path`, and in TensorBoard
+    (W&B too with --track); a missing codec is one warning."""
     try:
         import imageio
 
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        # JAX warns at every fork; ffmpeg's process runs a new program at once
+        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called")
         imageio.mimsave(path, frames, fps=fps)
     except Exception as error:  # noqa: BLE001 - no codec, no folder: the run goes on
         why = f"{type(error).__name__}: {str(error).splitlines()[0]}"
@@ -983,6 +1006,13 @@ def save_video(folder, frames, fps, global_step, writer=None):
     print(f"  video: {path}")
 
 
+def eval_only_path(args, global_step):
+    """--eval-only --capture-video: <checkpoint folder>/videos/eval-only_<step>_<unix time>, beside
+    the run's own videos, never one of them."""
+    name = f"eval-only_{global_step}_{int(time.time())}"
+    return os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "videos", name)
+
+
 def log_evaluation(writer, args, actor, envs, global_step):
     start = time.time()
     result = evaluate(args, actor, envs)
@@ -992,7 +1022,8 @@ def log_evaluation(writer, args, actor, envs, global_step):
     writer.add_scalar("perf/eval_s", time.time() - start, global_step)
     print(f"  eval @ step {global_step}: return {result['episodic_return']:.2f}")
     if frames:
-        save_video(writer.log_dir, frames, envs.get_attr("fps")[0], global_step, writer)
+        path = os.path.join(writer.log_dir, "videos", f"eval_{global_step}.mp4")
+        save_video(path, frames, envs.get_attr("fps")[0], global_step, writer)
 
 
 # ==== 10. CHECKPOINTS ====
@@ -1230,6 +1261,8 @@ if __name__ == "__main__":
     args = finalize_args(args)
     if checkpoint is not None:
         check_checkpoint(args, checkpoint)
+    if args.capture_video:
+        args.capture_video = renderer_works()
     # a bad --agent-conf fails here, before anything is written
     env = make_env(args)
     run_path = None if args.eval_only else make_run_dir(args)
@@ -1266,9 +1299,11 @@ if __name__ == "__main__":
         result = evaluate(args, actor, eval_envs)
         returns = f"return {result['episodic_return']:.2f}"
         print(f"eval {args.task} step {global_step}: {returns}, {args.eval_episodes} episodes")
-        if "frames" in result:  # beside the checkpoint
+        if "frames" in result:
             fps = eval_envs.get_attr("fps")[0]
-            save_video(os.path.dirname(args.checkpoint), result["frames"], fps, global_step)
+            save_video(
+                f"{eval_only_path(args, global_step)}.mp4", result["frames"], fps, global_step
+            )
         sys.exit(0)
 
     from torch.utils.tensorboard import SummaryWriter

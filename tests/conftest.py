@@ -31,6 +31,11 @@ for key, value in JAX_CACHE.items():
     os.environ.setdefault(key, value)
 
 
+def pytest_configure(config):
+    # JAX warns at every fork of a process that imported it; the tests' subprocesses run new programs at once
+    config.addinivalue_line("filterwarnings", r"ignore:os\.fork\(\) was called:RuntimeWarning")
+
+
 def load_script(name):
     mod_name = name[:-3]
     if mod_name not in sys.modules:
@@ -57,9 +62,11 @@ def make_args(module, **kw):
 
 
 def run(script, args, cwd, env=None, check=True):
-    """A script as users run it, in a subprocess in `cwd`; on failure the assertion shows the end of its output."""
+    """A script as users run it, in a subprocess in `cwd`, with `env` over this process's environment (None: unset);
+    on failure the assertion shows the end of its output."""
+    env = {key: value for key, value in {**os.environ, **(env or {})}.items() if value is not None}
     res = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True, cwd=cwd,
-                         timeout=400, env=dict(os.environ, **(env or {})))  # fmt: skip
+                         timeout=400, env=env)  # fmt: skip
     if check:
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return res

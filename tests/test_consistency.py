@@ -29,6 +29,7 @@ SUITE_FIELDS = {
     f"Args.{name}"
     for name in (
         "a2po_loop",
+        "capture_video",
         "trace_variant",
         "two_stage",
         "total_timesteps",

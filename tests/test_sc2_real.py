@@ -43,12 +43,12 @@ TASK_PARAMS = [pytest.param(task, marks=needs(TASKS[task]["package"])) for task 
 RELAUNCH = dict(FAKE_SC2_FAIL_STEP_AT="10", FAKE_SC2_FAIL_LAUNCH_AT="2")
 
 
-def play(script, task, cwd, **env):
+def play(script, task, cwd, *extra, **env):
     """A whole run of `script` on the simulated game (tests/fake_sc2/fake_game.py runs it): two
     iterations of 2 envs x 40 steps, phase ps then lora, evaluations of 2 episodes at the start
     and the end. Returns the finished process and the games' launches and closes per process."""
     flags = ["--map", task, "--env-backend", "sc2", "--num-envs", "2", "--num-steps", "40"]
-    flags += ["--total-timesteps", "160", "--eval-episodes", "2"]
+    flags += ["--total-timesteps", "160", "--eval-episodes", "2", *extra]
     log = cwd / "games.log"
     env = dict(
         os.environ, SC2PATH=str(sc2_folder(cwd / "StarCraftII")), FAKE_SC2_LOG=str(log), **env
@@ -67,9 +67,10 @@ def play(script, task, cwd, **env):
 @pytest.mark.parametrize("script", SMAC, ids=lambda s: s[:-3])
 def test_real_whole_run(script, task, tmp_path):
     """A whole run on the real smac (3s5z) or smacv2 (protoss_5_vs_5): exit 0, nothing on stderr,
-    both phases, the evaluations, the checkpoints; each game launched once and closed at the end."""
+    both phases, the evaluations, the checkpoints, the eval game's replays (--capture-video); each
+    game launched once and closed at the end."""
     spec = TASKS[task]
-    res, games = play(script, task, tmp_path)
+    res, games = play(script, task, tmp_path, "--capture-video")
     assert res.returncode == 0 and res.stderr == "", res.stdout[-2000:] + res.stderr[-3000:]
     out = res.stdout
     assert "env backend" not in out  # the game, not SMAX
@@ -98,6 +99,12 @@ def test_real_whole_run(script, task, tmp_path):
     ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     assert ckpt["args"]["env_backend"] == "sc2" and ckpt["args"]["map"] == task
     assert ckpt["global_step"] == 160 and ckpt["phase"] == "lora"
+    # the replay pysc2's controller returns, saved after each evaluation into one file (the fake
+    # game's replay holds its game loop: two evaluations of 2 episodes were played)
+    replay = os.path.join(run_dir, "videos", "eval.SC2Replay")
+    assert os.listdir(os.path.dirname(replay)) == ["eval.SC2Replay"]
+    assert out.count(f"replay: {os.path.relpath(replay, tmp_path)}") == 2
+    assert int(open(replay, "rb").read().decode().split("game loop ")[1]) >= 4 * 8
     n, n_actions = spec["n"], spec["n_actions"]
     assert ckpt["actor"][f"head.lora_B.{n - 1}"].shape == (n_actions, 8)
     assert f"head.lora_B.{n}" not in ckpt["actor"]

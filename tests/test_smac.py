@@ -133,11 +133,29 @@ def test_sc2_backend_against_the_standin(fake_sc2, tmp_path):
         cwd = tmp_path / name
         cwd.mkdir()
         flags = ["--map", name, "--total-timesteps", "160", "--env-backend", "sc2"]
-        run(SMAC[0], TINY[2:] + flags, cwd, env)
+        res = run(SMAC[0], TINY[2:] + flags + ["--capture-video"], cwd, env)
         run_dir = only_run(cwd)
         assert os.path.basename(run_dir).startswith(f"sc2-{name}__")
         s = scalars(run_dir)
         assert "eval/win_rate" in s and s["eval/num_episodes"][-1][1] == 2
+        # --capture-video: the eval game's own replay, from its launch on, replaced after each
+        # evaluation (the stand-in's holds the steps its game played)
+        replay = os.path.join(run_dir, "videos", "eval.SC2Replay")
+        assert os.listdir(os.path.dirname(replay)) == ["eval.SC2Replay"]
+        assert res.stdout.count(f"replay: {os.path.relpath(replay, cwd)}") == 2
+        played = open(replay, "rb").read().decode()
+        assert played.startswith(f"replay of {name if name == '3m' else '10gen_protoss'}: ")
+        # two evaluations of 2 episodes: at least 4 steps
+        assert int(played.split(": ")[1].split()[0]) >= 4, played
+    # recording changes no number: the same 3m run without --capture-video
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    flags = ["--map", "3m", "--total-timesteps", "160", "--env-backend", "sc2"]
+    run(SMAC[0], TINY[2:] + flags, plain, env)
+    filmed, unfilmed = scalars(only_run(tmp_path / "3m")), scalars(only_run(plain))
+    for tag in filmed:
+        if not tag.startswith(("perf/", "charts/SPS")):
+            assert filmed[tag] == unfilmed[tag], tag
     # auto picks the game when it is there
     res = run(SMAC[0], TINY + ["--total-timesteps", "80"], tmp_path / "3m", env)
     assert "env backend" not in res.stdout

@@ -146,39 +146,48 @@ def test_bad_input_is_refused_before_anything_runs(tmp_path):
     assert os.listdir(tmp_path) == []  # nothing written by any of these
 
 
+STUDY_FOLDERS = sorted(
+    os.path.dirname(path)
+    for path in glob.glob(os.path.join(ROOT, "docs", "results", "*", "evaluations.csv"))
+)
+
+
+def results_text():
+    with open(os.path.join(ROOT, "docs", "results.md")) as f:
+        return f.read()
+
+
 # rliable passes arch a RandomState (study.py filters it too)
 @pytest.mark.filterwarnings("ignore::FutureWarning:arch")
-def test_docs_results_come_from_the_committed_csvs(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("folder", STUDY_FOLDERS, ids=os.path.basename)
+def test_docs_results_come_from_the_committed_csvs(folder, tmp_path, monkeypatch, capsys):
     """docs/results.md shows the tables that the committed CSVs give: each study's command.txt, with
     --report-only on a copy of its evaluations.csv alone (as in a fresh clone), rebuilds its
-    summary.csv and summary.md exactly, that table appears in docs/results.md, and so does the
-    cost-scaling table of scaling.csv."""
-    csvs = glob.glob(os.path.join(ROOT, "docs", "results", "*", "evaluations.csv"))
-    folders = sorted(os.path.dirname(p) for p in csvs)
-    if not folders:
-        pytest.skip("no committed study results")
-    with open(os.path.join(ROOT, "docs", "results.md")) as f:
-        text = f.read()
+    summary.csv and summary.md exactly, and that table appears in docs/results.md."""
     monkeypatch.chdir(tmp_path)  # no study folder here: the report must come from the CSV
-    for folder in folders:
-        copy = tmp_path / os.path.basename(folder)
-        copy.mkdir()
-        shutil.copy(os.path.join(folder, "evaluations.csv"), copy)
-        with open(os.path.join(folder, "command.txt")) as f:
-            argv = shlex.split(f.read())[2:]
-        split = argv.index("--")
-        study.main([*argv[:split], "--report-only", "--report-dir", str(copy), *argv[split:]])
-        assert "the report from" in capsys.readouterr().out
-        for name in ("summary.csv", "summary.md"):
-            with open(os.path.join(folder, name)) as f:
-                assert (copy / name).read_text() == f.read(), (folder, name)
-        figures = ("curves.png", "final.png", "profile.png")
-        assert all((copy / name).stat().st_size > 0 for name in figures), folder
-        assert (copy / "summary.md").read_text() in text, folder
-    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(folder) for folder in folders)
+    copy = tmp_path / os.path.basename(folder)
+    copy.mkdir()
+    shutil.copy(os.path.join(folder, "evaluations.csv"), copy)
+    with open(os.path.join(folder, "command.txt")) as f:
+        argv = shlex.split(f.read())[2:]
+    split = argv.index("--")
+    study.main([*argv[:split], "--report-only", "--report-dir", str(copy), *argv[split:]])
+    assert "the report from" in capsys.readouterr().out
+    for name in ("summary.csv", "summary.md"):
+        with open(os.path.join(folder, name)) as f:
+            assert (copy / name).read_text() == f.read(), (folder, name)
+    figures = ("curves.png", "final.png", "profile.png")
+    assert all((copy / name).stat().st_size > 0 for name in figures), folder
+    assert (copy / "summary.md").read_text() in results_text(), folder
+    assert os.listdir(tmp_path) == [os.path.basename(folder)]
+
+
+def test_docs_results_show_the_scaling_table():
+    """The cost-scaling table of scaling.csv appears in docs/results.md."""
+    assert STUDY_FOLDERS, "no committed study results"
     path = os.path.join(ROOT, "benchmarks", "bench_scaling.py")
     spec = importlib.util.spec_from_file_location("bench_scaling", path)
     scaling = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(scaling)
     with open(os.path.join(ROOT, "docs", "results", "scaling", "scaling.csv")) as f:
-        assert scaling.scaling_table(list(csv.DictReader(f))) in text
+        assert scaling.scaling_table(list(csv.DictReader(f))) in results_text()

@@ -164,7 +164,8 @@ class FakeController:
         return sc_pb.ResponseDebug()
 
     def save_replay(self):
-        return b""
+        # what a replay holds: the game since its launch
+        return f"fake replay: game loop {self.loop}".encode()
 
 
 class FakeProcess:

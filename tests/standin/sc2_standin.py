@@ -55,6 +55,17 @@ class GameProcess:
         GameProcess.running -= 1
 
 
+class Controller:
+    """pysc2's RemoteController, as far as the scripts use it: save_replay() returns the game's
+    replay since its launch (here: the map and the steps its env played)."""
+
+    def __init__(self, env):
+        self.env = env
+
+    def save_replay(self):
+        return f"replay of {self.env.map_name}: {self.env._steps_total} steps".encode()
+
+
 class StarCraft2Env:
     # test hooks: every `restart_every`-th step of the process's envs hits a protocol error; the first
     # `failed_resets` resets of a smacv2 env raise CannotResetException
@@ -100,6 +111,7 @@ class StarCraft2Env:
         if not os.path.isdir(versions):
             raise FileNotFoundError(2, "No such file or directory", versions)
         self._sc2_proc = GameProcess()
+        self._controller = Controller(self)
         self.max_reward += self.n_enemies  # smac adds the enemies' health at every launch
 
     def reset(self, episode_config=None):
