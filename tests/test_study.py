@@ -191,3 +191,25 @@ def test_docs_results_show_the_scaling_table():
     spec.loader.exec_module(scaling)
     with open(os.path.join(ROOT, "docs", "results", "scaling", "scaling.csv")) as f:
         assert scaling.scaling_table(list(csv.DictReader(f))) in results_text()
+
+
+def plateau_summary(path):
+    """A plateau check's eval.csv as docs/results.md quotes it: the mean greedy win rate over each
+    500 k-step window, and the mean of the last 5 evaluations."""
+    with open(path) as f:
+        rows = [(int(r["step"]), float(r["eval_win_rate"])) for r in csv.DictReader(f)]
+    windows = []
+    for start in range(0, rows[-1][0], 500_000):
+        values = [win for step, win in rows if start < step <= start + 500_000]
+        windows.append(f"{sum(values) / len(values):.2f}")
+    last = sum(win for _, win in rows[-5:]) / 5
+    return ", ".join(windows), f"the last 5 evaluations average {last:.2f}"
+
+
+@pytest.mark.parametrize(
+    "path", sorted(glob.glob(os.path.join(ROOT, "docs", "results", "plateau-*", "eval.csv")))
+)
+def test_plateau_checks_quoted_from_their_csv(path):
+    text = " ".join(results_text().split())
+    for quoted in plateau_summary(path):
+        assert quoted in text, (path, quoted)
