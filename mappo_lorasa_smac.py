@@ -444,6 +444,8 @@ def import_smax():
             del sys.modules[name]
     # the env steps in this thread: no hand-over to a dispatch thread (docs/performance.md)
     jax.config.update("jax_cpu_enable_async_dispatch", False)
+    # JAX warns at every fork; this process forks only to run ffmpeg (--capture-video) at once
+    warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called")
     return jax, jnp, smax
 
 
@@ -1221,8 +1223,6 @@ def save_video(path, frames, fps, global_step, writer=None):
         import imageio
 
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        # JAX warns at every fork; ffmpeg's process runs a new program at once
-        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called")
         imageio.mimsave(path, frames, fps=fps)
     except Exception as error:  # noqa: BLE001 - no codec, no folder: the run goes on
         why = f"{type(error).__name__}: {str(error).splitlines()[0]}"
