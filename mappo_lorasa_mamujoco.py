@@ -414,7 +414,10 @@ class LoRALinear(nn.Module):
         """The (W, b) the agents act with: the shared (out, in), (out,) before the switch; after it
         W_i = W0 + s B_i A_i (n, out, in) and b_i = b0 + beta_i (n, 1, out), computed per call."""
         if self.merged is not None:
-            return self.merged if agents is None else [w[agents] for w in self.merged]
+            weight, bias = self.merged  # the shared ones at the switch (see merged_weights)
+            if agents is None or weight.dim() == 2:
+                return weight, bias
+            return weight[agents], bias[agents]
         if not self.lora_on:
             return self.weight, self.bias
         delta = torch.bmm(stack(self.lora_B, agents), stack(self.lora_A, agents))
@@ -486,6 +489,14 @@ def merged_weights(*models):
     with torch.no_grad():
         for layer in layers:
             layer.merged = [w.detach() for w in layer.weights()]
+            if isinstance(layer, LoRALinear) and layer.lora_on:
+                # every adapter still zero (at the switch): act through the shared layer, as in
+                # phase ps, so that the first evaluation and rollout of phase lora equal the ps
+                # run's bit for bit; the batched matmul rounds differently in the last bit, and
+                # HalfCheetah's dynamics amplify that into a different return
+                shared = [layer.weight.detach(), layer.bias.detach()]
+                if all(torch.equal(w, s.expand_as(w)) for w, s in zip(layer.merged, shared)):
+                    layer.merged = shared
     try:
         yield
     finally:

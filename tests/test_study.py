@@ -79,11 +79,11 @@ def test_tiny_study_end_to_end_then_skipped_then_resumed(tmp_path):
     pretrain = [row for row in rows if row["treatment"] == "pretrain" and row["step"] == "80"]
     pretrain_end = {row["seed"]: float(row["eval_return"]) for row in pretrain}
     # phase 2 starts from the pretrained policy: its first evaluation is the pretraining's last,
-    # up to rounding (lorasa evaluates W0 + s B A = W0 by a batched matmul, pretrain by F.linear)
+    # bit for bit (lorasa acts through the shared layers while every adapter is zero: the same
+    # computation as the pretraining's, on any machine)
     for row in rows:
         if row["treatment"] != "pretrain" and row["step"] == "80":
-            expected = pretrain_end[row["seed"]]
-            assert float(row["eval_return"]) == pytest.approx(expected, rel=1e-5, abs=1e-5), row
+            assert float(row["eval_return"]) == pretrain_end[row["seed"]], row
     with open(folder / "summary.csv") as f:
         summary = {row["treatment"]: row for row in csv.DictReader(f)}
     assert set(summary) == {"ps", "lorasa-r4"} and summary["lorasa-r4"]["wins_vs_ps"].endswith("/2")
