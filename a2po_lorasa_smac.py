@@ -115,7 +115,7 @@ class Args:
 
 
 # Where the reference's settings for a map differ from the defaults above (docs/method.md §10).
-# They apply when the map is on the command line; flags given there still win.
+# They apply to the map that runs (--help shows them); flags given still win.
 TASK_DEFAULTS = {"3s5z_vs_3s6z": dict(gae_lambda=0.90)}
 # must match to load
 TASK_KEYS = ("map", "env_backend", "state_mode", "hidden_size")
@@ -643,7 +643,8 @@ class LoRALinear(nn.Module):
     y_i = x (W0 + s B_i A_i)^T + b0 + beta_i, A_i (r, in), B_i (out, r), s = alpha / r.
     Before the switch (`lora_on` False) it is the shared layer alone; rank 0: never adapted.
     Each agent's A_i, B_i, beta_i are tensors of their own, so that each agent's optimiser and
-    gradient clip see only its own (FIX 5)."""
+    gradient clip see only its own (FIX 5). A changed adapter form belongs in `weights()`: forward,
+    the GRU's hidden path and merged_weights all read the weights from there."""
 
     def __init__(self, n_in, n_out, n_agents, gain, rank, alpha, init, generator):
         super().__init__()
@@ -911,7 +912,9 @@ def start_phase(actor, phase, args):
     """The actor parameters that train and their optimisers, fresh (docs/method.md §1).
     ps: the shared actor, one Adam. lora: the adapters on (the policy is unchanged: dW = 0),
     every shared parameter frozen (FIX 8), one Adam per agent over its adapters (FIX 5).
-    nps: one Adam per agent over its network. The critic is not touched (FIX 26)."""
+    nps: one Adam per agent over its network. The critic is not touched (FIX 26). A parameter added
+    to the actor trains in phase ps unless its name contains "lora_"; in phases lora and nps, only
+    what agent_parameters lists trains (the rest is frozen)."""
     for module in actor.modules():
         if isinstance(module, LoRALinear):
             module.lora_on = phase == "lora" and module.rank > 0
@@ -1010,6 +1013,7 @@ def collect_rollout(args, envs, actor, buf):
             finished += zip(buf.episode_return[done], buf.episode_length[done], won)
             buf.episode_return[done] = 0
             buf.episode_length[done] = 0
+    # reward shaping belongs here, not in the env: evaluation returns stay the task's own
     buf.rewards.copy_(torch.as_tensor(rewards))
     # KEEP 28: by default a timeout ends its episode like the battle's end, nothing bootstrapped
     buf.boot.copy_(torch.as_tensor(truncated & ~terminated & args.bootstrap_timeouts))
@@ -1066,7 +1070,8 @@ def compute_returns(args, buf, value_norm):
 def chunk_minibatches(data, T, chunk_length, num_minibatches):
     """Every env's stream cut into chunks of `chunk_length` steps, shuffled into minibatches
     (method §6): (N, T[+1], E, ...) -> (N, L, chunks, ...), (T[+1], E) -> (L, chunks), and a
-    hidden state (key ending in `_h`) -> the stored one at each chunk's start (N, chunks, H)."""
+    hidden state (key ending in `_h`) -> the stored one at each chunk's start (N, chunks, H).
+    A new entry must take one of these three forms."""
     C = T // chunk_length
     chunked = {}
     for key, x in data.items():
@@ -1410,6 +1415,8 @@ def evaluate(args, actor, envs):
     evenly over the eval envs (each plays its share in turn). win_rate:
     the fraction won, from each episode's win flag (a timeout or a
     StarCraft II restart is a loss)."""
+    # greedy: a sampled evaluation needs a torch.Generator of its own, or drawing from the global
+    # RNG would change the training run with --eval-interval
     n = envs.num_envs
     share = [args.eval_episodes // n + (k < args.eval_episodes % n) for k in range(n)]
     remaining = np.array(share)
@@ -1553,7 +1560,15 @@ def load_checkpoint(args):
             # a longer run (not the default)
             keep += ["total_timesteps"]
         saved = {k: v for k, v in checkpoint["args"].items() if k in Args.__dataclass_fields__}
-        args = Args(**{**saved, **{key: getattr(args, key) for key in keep}})
+        taken = Args(**{**saved, **{key: getattr(args, key) for key in keep}})
+        # named, so that a flag changed (or added to Args) since that run is never lost silently
+        differ = [k for k, v in vars(taken).items() if getattr(args, k) not in (None, v)]
+        if differ:
+            given = ", ".join(
+                f"{k}={getattr(taken, k)!r} (not {getattr(args, k)!r})" for k in differ
+            )
+            print(f"the checkpoint's settings win: {given}")
+        args = taken
     return args, checkpoint
 
 
@@ -1590,10 +1605,15 @@ def load_weights(args, checkpoint, actor, critic, value_norm, critic_optim):
     checkpoint gives the shared weights only: this run's adapters keep their init (dW = 0)."""
     from_ps = checkpoint["phase"] == "ps"
     actor_state = {k: v for k, v in checkpoint["actor"].items() if not (from_ps and "lora_" in k)}
-    actor.load_state_dict(actor_state, strict=not from_ps)
+    missing, unexpected = actor.load_state_dict(actor_state, strict=not from_ps)
+    # from a ps checkpoint only adapters may be missing: a shared layer must not keep its init
+    if unexpected or any("lora_" not in key for key in missing):
+        fail(f"--checkpoint does not fit this actor: {[*unexpected, *missing]}")
     critic.load_state_dict(checkpoint["critic"])
     value_norm.load_state_dict(checkpoint["value_norm"])
     critic_optim.load_state_dict(checkpoint["critic_optim"])
+    for group in critic_optim.param_groups:  # this run's settings, not the saved optimiser's
+        group.update(lr=args.critic_learning_rate, eps=args.adam_eps)
     global_step = checkpoint["global_step"]  # the x-axis continues
     if args.resume:
         return checkpoint["phase"], global_step, checkpoint["iteration"]
@@ -1723,7 +1743,6 @@ def log_start(writer, args, actor, critic, global_step):
 
 def log_iteration(writer, args, iteration, phase, actor, groups, stats, finished, global_step):
     """One iteration's TensorBoard scalars and its line on stdout."""
-    stats["charts/learning_rate"] = args.learning_rate
     stats["charts/phase"] = {"ps": 0, "lora": 1, "nps": 2}[phase]
     stats["perf/SPS_update"] = args.batch_size / stats["perf/update_s"]
     stats["lorasa/trainable_params"] = sum(p.numel() for group in groups for p in group)
@@ -1840,6 +1859,7 @@ if __name__ == "__main__":
             if phase == "ps" and args.share_mode == "lorasa" and global_step >= args.lora_start:
                 save("ps_checkpoint.pt")
                 phase = "lora"
+                # new actor optimisers: a learning-rate schedule must set their lr after this
                 actor_groups, actor_optims = start_phase(actor, phase, args)
                 print(f"  phase switch at step {global_step}: shared actor frozen, adapters on")
 
@@ -1858,6 +1878,7 @@ if __name__ == "__main__":
             stats["charts/dead_ratio"] = 1 - buf.active[:, 1:].mean().item()
             buf.roll()
 
+            stats["charts/learning_rate"] = actor_optims[0].param_groups[0]["lr"]
             stats["perf/rollout_s"] = update_start - rollout_start
             stats["perf/update_s"] = time.time() - update_start
             stats["perf/SPS_env"] = args.batch_size / env_seconds

@@ -116,7 +116,7 @@ class Args:
 
 
 # Where the reference's settings for a task differ from the defaults above (docs/method.md §10).
-# They apply when the task is on the command line; flags given there still win.
+# They apply to the task that runs, the default one too (--help shows them); flags given still win.
 TASK_DEFAULTS = {
     "HalfCheetah 2x3": dict(update_epochs=5),
     "Ant 4x2": dict(num_envs=25, num_steps=160),
@@ -389,7 +389,8 @@ class LoRALinear(nn.Module):
     y_i = x (W0 + s B_i A_i)^T + b0 + beta_i, A_i (r, in), B_i (out, r), s = alpha / r.
     Before the switch (`lora_on` False) it is the shared layer alone; rank 0: never adapted.
     Each agent's A_i, B_i, beta_i are tensors of their own, so that each agent's optimiser and
-    gradient clip see only its own (FIX 5)."""
+    gradient clip see only its own (FIX 5). A changed adapter form belongs in `weights()`: forward,
+    the GRU's hidden path and merged_weights all read the weights from there."""
 
     def __init__(self, n_in, n_out, n_agents, gain, rank, alpha, init, generator):
         super().__init__()
@@ -693,7 +694,9 @@ def start_phase(actor, phase, args):
     """The actor parameters that train and their optimisers, fresh (docs/method.md §1).
     ps: the shared actor, one Adam. lora: the adapters on (the policy is unchanged: dW = 0),
     every shared parameter frozen (FIX 8), one Adam per agent over its adapters (FIX 5).
-    nps: one Adam per agent over its network. The critic is not touched (FIX 26)."""
+    nps: one Adam per agent over its network. The critic is not touched (FIX 26). A parameter added
+    to the actor trains in phase ps unless its name contains "lora_"; in phases lora and nps, only
+    what agent_parameters lists trains (the rest is frozen)."""
     for module in actor.modules():
         if isinstance(module, LoRALinear):
             module.lora_on = phase == "lora" and module.rank > 0
@@ -786,6 +789,7 @@ def collect_rollout(args, envs, actor, buf):
             buf.episode_length[done] = 0
     # a termination at the time limit is a termination
     time_limit = torch.as_tensor(truncated & ~terminated)
+    # reward shaping belongs here, not in the env: evaluation returns stay the task's own
     buf.rewards.copy_(torch.as_tensor(rewards))
     buf.boot.copy_(time_limit & args.truncation_bootstrap)
     buf.bad_masks[1:] = 1.0 - (time_limit & (not args.truncation_bootstrap)).float()
@@ -839,7 +843,8 @@ def compute_returns(args, buf, value_norm):
 def chunk_minibatches(data, T, chunk_length, num_minibatches):
     """Every env's stream cut into chunks of `chunk_length` steps, shuffled into minibatches
     (method §6): (N, T[+1], E, ...) -> (N, L, chunks, ...), (T[+1], E) -> (L, chunks), and a
-    hidden state (key ending in `_h`) -> the stored one at each chunk's start (N, chunks, H)."""
+    hidden state (key ending in `_h`) -> the stored one at each chunk's start (N, chunks, H).
+    A new entry must take one of these three forms."""
     C = T // chunk_length
     chunked = {}
     for key, x in data.items():
@@ -918,6 +923,7 @@ def update(args, phase, actor, critic, value_norm, optimizers, buf, returns, adv
             surrogate = torch.min(ratio * advantage, clipped * advantage)
             policy_loss = -(surrogate * ratio_dims).sum(-1)  # (N, L, B)
             entropy = (squashed_entropy(mean, std) * dims).sum(-1)
+            # an added loss term takes the same reduction, or its weight changes at the switch
             if phase == "ps":  # the mean over all agents' samples
                 loss = policy_loss.mean() - args.ent_coef * entropy.mean()
             else:
@@ -962,6 +968,8 @@ def eval_seeds(args):
 def evaluate(args, actor, envs):
     """Greedy evaluation (tanh of the mean), one episode per eval env: the
     mean team return."""
+    # greedy: a sampled evaluation needs a torch.Generator of its own, or drawing from the global
+    # RNG would change the training run with --eval-interval
     n = envs.num_envs
     obs, _ = envs.reset(seed=eval_seeds(args))
     h = torch.zeros(actor.n_agents, n, args.hidden_size, device=actor.action_dims.device)
@@ -1068,7 +1076,15 @@ def load_checkpoint(args):
             # a longer run (not the default)
             keep += ["total_timesteps"]
         saved = {k: v for k, v in checkpoint["args"].items() if k in Args.__dataclass_fields__}
-        args = Args(**{**saved, **{key: getattr(args, key) for key in keep}})
+        taken = Args(**{**saved, **{key: getattr(args, key) for key in keep}})
+        # named, so that a flag changed (or added to Args) since that run is never lost silently
+        differ = [k for k, v in vars(taken).items() if getattr(args, k) not in (None, v)]
+        if differ:
+            given = ", ".join(
+                f"{k}={getattr(taken, k)!r} (not {getattr(args, k)!r})" for k in differ
+            )
+            print(f"the checkpoint's settings win: {given}")
+        args = taken
     return args, checkpoint
 
 
@@ -1105,10 +1121,15 @@ def load_weights(args, checkpoint, actor, critic, value_norm, critic_optim):
     checkpoint gives the shared weights only: this run's adapters keep their init (dW = 0)."""
     from_ps = checkpoint["phase"] == "ps"
     actor_state = {k: v for k, v in checkpoint["actor"].items() if not (from_ps and "lora_" in k)}
-    actor.load_state_dict(actor_state, strict=not from_ps)
+    missing, unexpected = actor.load_state_dict(actor_state, strict=not from_ps)
+    # from a ps checkpoint only adapters may be missing: a shared layer must not keep its init
+    if unexpected or any("lora_" not in key for key in missing):
+        fail(f"--checkpoint does not fit this actor: {[*unexpected, *missing]}")
     critic.load_state_dict(checkpoint["critic"])
     value_norm.load_state_dict(checkpoint["value_norm"])
     critic_optim.load_state_dict(checkpoint["critic_optim"])
+    for group in critic_optim.param_groups:  # this run's settings, not the saved optimiser's
+        group.update(lr=args.critic_learning_rate, eps=args.adam_eps)
     global_step = checkpoint["global_step"]  # the x-axis continues
     if args.resume:
         return checkpoint["phase"], global_step, checkpoint["iteration"]
@@ -1230,7 +1251,6 @@ def log_start(writer, args, actor, critic, global_step):
 
 def log_iteration(writer, args, iteration, phase, actor, groups, stats, finished, global_step):
     """One iteration's TensorBoard scalars and its line on stdout."""
-    stats["charts/learning_rate"] = args.learning_rate
     stats["charts/phase"] = {"ps": 0, "lora": 1, "nps": 2}[phase]
     stats["perf/SPS_update"] = args.batch_size / stats["perf/update_s"]
     stats["lorasa/trainable_params"] = sum(p.numel() for group in groups for p in group)
@@ -1309,10 +1329,8 @@ if __name__ == "__main__":
         returns = f"return {result['episodic_return']:.2f}"
         print(f"eval {args.task} step {global_step}: {returns}, {args.eval_episodes} episodes")
         if "frames" in result:
-            fps = eval_envs.get_attr("fps")[0]
-            save_video(
-                f"{eval_only_path(args, global_step)}.mp4", result["frames"], fps, global_step
-            )
+            path = f"{eval_only_path(args, global_step)}.mp4"
+            save_video(path, result["frames"], eval_envs.get_attr("fps")[0], global_step)
         sys.exit(0)
 
     from torch.utils.tensorboard import SummaryWriter
@@ -1351,6 +1369,7 @@ if __name__ == "__main__":
             if phase == "ps" and args.share_mode == "lorasa" and global_step >= args.lora_start:
                 save("ps_checkpoint.pt")
                 phase = "lora"
+                # new actor optimisers: a learning-rate schedule must set their lr after this
                 actor_groups, actor_optims = start_phase(actor, phase, args)
                 print(f"  phase switch at step {global_step}: shared actor frozen, adapters on")
 
@@ -1368,6 +1387,7 @@ if __name__ == "__main__":
             torch.set_num_threads(1)
             buf.roll()
 
+            stats["charts/learning_rate"] = actor_optims[0].param_groups[0]["lr"]
             stats["perf/rollout_s"] = update_start - rollout_start
             stats["perf/update_s"] = time.time() - update_start
             stats["perf/SPS_env"] = args.batch_size / env_seconds

@@ -359,7 +359,7 @@ def test_checkpoint_of_another_task_or_shape_is_refused(lorasa_run, capsys):
         assert needle in checkpoint_error(module, capsys, **kw)
 
 
-def test_eval_only_and_resume_take_task_and_shape_from_the_checkpoint(lorasa_run):
+def test_eval_only_and_resume_take_task_and_shape_from_the_checkpoint(lorasa_run, capsys):
     module = load_script(lorasa_run[0])
     path = os.path.join(lorasa_run[2], "checkpoint.pt")
     command_line = module.Args(
@@ -373,6 +373,34 @@ def test_eval_only_and_resume_take_task_and_shape_from_the_checkpoint(lorasa_run
     )
     args = module.finalize_args(args)
     assert (args.num_envs, args.total_timesteps, args.lora_start) == (2, 400, 80)
+    # a flag the checkpoint overrides is named, never dropped silently
+    assert "the checkpoint's settings win: " in capsys.readouterr().out
+
+
+def test_loading_refuses_an_actor_that_does_not_fit_and_takes_this_runs_critic_settings(
+    lorasa_run, capsys
+):
+    """A ps checkpoint may lack only the adapters (a shared layer left at its init would be frozen
+    in phase lora); the critic's optimiser takes this run's --critic-learning-rate and --adam-eps."""
+    module = load_script(lorasa_run[0])
+    path = os.path.join(lorasa_run[2], "ps_checkpoint.pt")
+    args = module.finalize_args(
+        module.Args(checkpoint=path, critic_learning_rate=1e-3, adam_eps=1e-6)
+    )
+    checkpoint = load(path)
+    obs_dim, act_dim = (checkpoint["actor"][k].shape[0] for k in ("feature_norm.weight", "log_std"))
+    actor = module.GaussianActor(obs_dim, act_dim, 2, args)
+    critic = module.Critic(checkpoint["critic"]["feature_norm.weight"].shape[0], 2, args)
+    critic_optim = torch.optim.Adam(critic.parameters(), lr=args.critic_learning_rate)
+    models = (actor, critic, module.ValueNorm(2), critic_optim)
+    assert module.load_weights(args, checkpoint, *models)[0] == "lora"
+    group = critic_optim.param_groups[0]
+    assert (group["lr"], group["eps"]) == (1e-3, 1e-6)
+    del checkpoint["actor"]["fcs.fc2a.weight"]
+    with pytest.raises(SystemExit):
+        module.load_weights(args, checkpoint, *models)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not fit this actor" in err and "fc2a" in err
 
 
 def test_task_defaults_apply_to_the_named_task_and_the_command_line_wins(script):
