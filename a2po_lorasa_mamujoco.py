@@ -713,7 +713,7 @@ def start_phase(actor, phase, args):
     every shared parameter frozen (FIX 8), one Adam per agent over its adapters (FIX 5).
     nps: one Adam per agent over its network. The critic is not touched (FIX 26). A parameter added
     to the actor trains in phase ps unless its name contains "lora_"; in phases lora and nps, only
-    what agent_parameters lists trains (the rest is frozen)."""
+    what agent_parameters lists trains (the rest is frozen; in nps, one it misses raises)."""
     for module in actor.modules():
         if isinstance(module, LoRALinear):
             module.lora_on = phase == "lora" and module.rank > 0
@@ -722,6 +722,8 @@ def start_phase(actor, phase, args):
     else:
         groups = [agent_parameters(actor, i, args) for i in range(actor.n_agents)]
     trains = {id(p) for group in groups for p in group}
+    if phase == "nps" and len(trains) < len(list(actor.parameters())):
+        raise RuntimeError("nps: an actor parameter that agent_parameters misses would never train")
     for param in actor.parameters():
         param.requires_grad_(id(param) in trains)
     optimizers = [torch.optim.Adam(g, lr=args.learning_rate, eps=args.adam_eps) for g in groups]

@@ -145,6 +145,11 @@ def test_nps_merged_equals_unmerged(script):
     for x, y in zip(merged, unmerged):
         torch.testing.assert_close(x, y.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(subset[0], unmerged[0][[2]], atol=1e-5, rtol=1e-5)
+    groups, _ = script.start_phase(actor, "nps", args)  # every nps parameter trains, per agent
+    assert sum(len(group) for group in groups) == len(list(actor.parameters()))
+    actor.extra = torch.nn.Linear(2, 2)  # a layer a modifier adds but agent_parameters misses
+    with pytest.raises(RuntimeError, match="never train"):
+        script.start_phase(actor, "nps", args)
 
 
 def test_only_adapters_get_gradients_after_switch(script):
