@@ -627,8 +627,7 @@ class LoRALinear(nn.Module):
     y_i = x (W0 + s B_i A_i)^T + b0 + beta_i, A_i (r, in), B_i (out, r), s = alpha / r.
     Before the switch (`lora_on` False) it is the shared layer alone; rank 0: never adapted.
     Each agent's A_i, B_i, beta_i are tensors of their own, so that each agent's optimiser and
-    gradient clip see only its own (FIX 5). A changed adapter form belongs in `weights()`: forward,
-    the GRU's hidden path and merged_weights all read the weights from there."""
+    gradient clip see only its own (FIX 5)."""
 
     def __init__(self, n_in, n_out, n_agents, gain, rank, alpha, init, generator):
         super().__init__()
@@ -649,6 +648,8 @@ class LoRALinear(nn.Module):
         for tensor in self.lora_B if init == "reference" else self.lora_A:
             nn.init.kaiming_uniform_(tensor, a=math.sqrt(5), generator=generator)
 
+    # a changed adapter form belongs in weights(): forward, the GRU's hidden path and
+    # merged_weights all take the weights from there
     def weights(self, agents=None):
         """The (W, b) the agents act with: the shared (out, in), (out,) before the switch; after it
         W_i = W0 + s B_i A_i (n, out, in) and b_i = b0 + beta_i (n, 1, out), computed per call."""
@@ -896,12 +897,12 @@ def start_phase(actor, phase, args):
     """The actor parameters that train and their optimisers, fresh (docs/method.md §1).
     ps: the shared actor, one Adam. lora: the adapters on (the policy is unchanged: dW = 0),
     every shared parameter frozen (FIX 8), one Adam per agent over its adapters (FIX 5).
-    nps: one Adam per agent over its network. The critic is not touched (FIX 26). A parameter added
-    to the actor trains in phase ps unless its name contains "lora_"; in phases lora and nps, only
-    what agent_parameters lists trains (the rest is frozen; in nps, one it misses raises)."""
+    nps: one Adam per agent over its network. The critic is not touched (FIX 26)."""
     for module in actor.modules():
         if isinstance(module, LoRALinear):
             module.lora_on = phase == "lora" and module.rank > 0
+    # a parameter added to the actor trains in phase ps unless its name contains "lora_"; in phases
+    # lora and nps only what agent_parameters lists trains (in nps, one it misses raises)
     if phase == "ps":  # every adapter parameter's name starts with lora_
         groups = [[p for name, p in actor.named_parameters() if "lora_" not in name]]
     else:
@@ -1056,8 +1057,8 @@ def compute_returns(args, buf, value_norm):
 def chunk_minibatches(data, T, chunk_length, num_minibatches):
     """Every env's stream cut into chunks of `chunk_length` steps, shuffled into minibatches
     (method §6): (N, T[+1], E, ...) -> (N, L, chunks, ...), (T[+1], E) -> (L, chunks), and a
-    hidden state (key ending in `_h`) -> the stored one at each chunk's start (N, chunks, H).
-    A new entry must take one of these three forms."""
+    hidden state (key ending in `_h`) -> the stored one at each chunk's start (N, chunks, H)."""
+    # a new entry must take one of these three forms
     C = T // chunk_length
     chunked = {}
     for key, x in data.items():
