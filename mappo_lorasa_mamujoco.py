@@ -588,7 +588,8 @@ class GaussianActor(RecurrentNetwork):
         if nps:
             self.nps_log_std = nn.ParameterList([torch.ones(act_dim) for _ in range(n_agents)])
         else:
-            # the reference's init (sigma 0.366)
+            # a logit, not log(sigma): std = 0.5 sigmoid(log_std) (the reference's name and init,
+            # sigma 0.366)
             self.log_std = nn.Parameter(torch.ones(act_dim))
             # agent i's log-std adapter d_i: 0 until it trains in phase lora
             self.lora_std = nn.ParameterList([torch.zeros(act_dim) for _ in range(n_agents)])
