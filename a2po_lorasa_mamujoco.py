@@ -1358,7 +1358,8 @@ def load_weights(args, checkpoint, actor, critic, value_norm, critic_optim):
     missing, unexpected = actor.load_state_dict(actor_state, strict=not from_ps)
     # from a ps checkpoint only adapters may be missing: a shared layer must not keep its init
     if unexpected or any("lora_" not in key for key in missing):
-        fail(f"--checkpoint does not fit this actor: {[*unexpected, *missing]}")
+        why = f"does not fit this actor (missing or unexpected: {', '.join(unexpected + missing)})"
+        fail(f"--checkpoint {args.checkpoint!r} {why}; accepted: one of the same networks")
     critic.load_state_dict(checkpoint["critic"])
     value_norm.load_state_dict(checkpoint["value_norm"])
     critic_optim.load_state_dict(checkpoint["critic_optim"])
