@@ -497,7 +497,8 @@ def merged_weights(*models):
                 # run's bit for bit; the batched matmul rounds differently in the last bit, and
                 # HalfCheetah's dynamics amplify that into a different return
                 shared = [layer.weight.detach(), layer.bias.detach()]
-                if all(torch.equal(w, s.expand_as(w)) for w, s in zip(layer.merged, shared)):
+                zero = [torch.equal(w, s.expand_as(w)) for w, s in zip(layer.merged, shared)]
+                if all(zero):
                     layer.merged = shared
     try:
         yield
@@ -1128,7 +1129,8 @@ def load_weights(args, checkpoint, actor, critic, value_norm, critic_optim):
     missing, unexpected = actor.load_state_dict(actor_state, strict=not from_ps)
     # from a ps checkpoint only adapters may be missing: a shared layer must not keep its init
     if unexpected or any("lora_" not in key for key in missing):
-        why = f"does not fit this actor (missing or unexpected: {', '.join(unexpected + missing)})"
+        names = ", ".join(unexpected + missing)
+        why = f"does not fit this actor (missing or unexpected: {names})"
         fail(f"--checkpoint {args.checkpoint!r} {why}; accepted: one of the same networks")
     critic.load_state_dict(checkpoint["critic"])
     value_norm.load_state_dict(checkpoint["value_norm"])
