@@ -304,6 +304,8 @@ class MaMuJoCoEnv(gym.Env):
         )
         self.action_space = gym.spaces.Box(-1.0, 1.0, self.action_dims.shape, np.float32)
 
+    # observation normalisation belongs here, where rollouts, the truncation bootstrap's final
+    # states and evaluations all pass (its statistics then belong in the checkpoint)
     def observe(self, obs):
         state = self.env.state()
         self.state[:, : len(state)] = state
