@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT
@@ -180,6 +181,27 @@ def test_docs_results_come_from_the_committed_csvs(folder, tmp_path, monkeypatch
     assert all((copy / name).stat().st_size > 0 for name in figures), folder
     assert (copy / "summary.md").read_text() in results_text(), folder
     assert os.listdir(tmp_path) == [os.path.basename(folder)]
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning:arch")
+def test_summary_does_not_depend_on_numpys_global_generator():
+    """rliable's bootstrap resamples from numpy's global generator (not from its random_state):
+    the same evaluations must give the same intervals whatever that generator's state."""
+    values = np.random.default_rng(0).normal(1000, 300, (2, 5, 3))  # no ties between resamples
+    rows = [
+        dict(treatment=name, seed=seed + 1, step=step, eval_return=values[t, seed, step])
+        for t, name in enumerate(["ps", "lorasa-r8"])
+        for seed in range(5)
+        for step in range(3)
+    ]
+    for row in rows:
+        row["eval_win_rate"] = ""
+    intervals = []
+    for seed in (7, 123):
+        np.random.seed(seed)
+        _, _, _, (_, iqm_ci), _ = study.summarize(rows, 3)
+        intervals.append({name: ci.tolist() for name, ci in iqm_ci.items()})
+    assert intervals[0] == intervals[1]
 
 
 def test_docs_results_show_the_scaling_table():
