@@ -499,7 +499,8 @@ def merged_weights(*models):
                 # run's bit for bit; the batched matmul rounds differently in the last bit, and
                 # HalfCheetah's dynamics amplify that into a different return
                 shared = [layer.weight.detach(), layer.bias.detach()]
-                zero = [torch.equal(w, s.expand_as(w)) for w, s in zip(layer.merged, shared)]
+                pairs = zip(layer.merged, shared)
+                zero = [torch.equal(w, s.expand_as(w)) for w, s in pairs]
                 if all(zero):
                     layer.merged = shared
     try:
@@ -711,7 +712,7 @@ def start_phase(actor, phase, args):
         groups = [agent_parameters(actor, i, args) for i in range(actor.n_agents)]
     trains = {id(p) for group in groups for p in group}
     if phase == "nps" and len(trains) < len(list(actor.parameters())):
-        raise RuntimeError("nps: an actor parameter that agent_parameters misses would never train")
+        raise RuntimeError("nps: a parameter outside agent_parameters would never train")
     for param in actor.parameters():
         param.requires_grad_(id(param) in trains)
     optimizers = [torch.optim.Adam(g, lr=args.learning_rate, eps=args.adam_eps) for g in groups]
@@ -1084,13 +1085,14 @@ def load_checkpoint(args):
             keep += ["total_timesteps"]
         saved = {k: v for k, v in checkpoint["args"].items() if k in Args.__dataclass_fields__}
         taken = Args(**{**saved, **{key: getattr(args, key) for key in keep}})
-        # named, so that a flag changed (or added to Args) since that run is never lost silently
-        differ = [k for k, v in vars(taken).items() if getattr(args, k) not in (None, v)]
+        # named, so that a flag changed (or added to Args) since that run is never lost silently;
+        # a value other than the Args default counts as given
+        fields = Args.__dataclass_fields__
+        typed = {k: v for k, v in vars(args).items() if v != fields[k].default}
+        differ = {k: v for k, v in typed.items() if getattr(taken, k) != v}
         if differ:
-            given = ", ".join(
-                f"{k}={getattr(taken, k)!r} (not {getattr(args, k)!r})" for k in differ
-            )
-            print(f"the checkpoint's settings win: {given}")
+            named = [f"{k}={getattr(taken, k)!r} (not {v!r})" for k, v in differ.items()]
+            print("the checkpoint's settings win: " + ", ".join(named))
         args = taken
     return args, checkpoint
 
@@ -1128,12 +1130,13 @@ def load_weights(args, checkpoint, actor, critic, value_norm, critic_optim):
     checkpoint gives the shared weights only: this run's adapters keep their init (dW = 0)."""
     from_ps = checkpoint["phase"] == "ps"
     actor_state = {k: v for k, v in checkpoint["actor"].items() if not (from_ps and "lora_" in k)}
-    missing, unexpected = actor.load_state_dict(actor_state, strict=not from_ps)
+    strict = not from_ps
+    missing, unexpected = actor.load_state_dict(actor_state, strict=strict)
     # from a ps checkpoint only adapters may be missing: a shared layer must not keep its init
     if unexpected or any("lora_" not in key for key in missing):
         names = ", ".join(unexpected + missing)
         why = f"does not fit this actor (missing or unexpected: {names})"
-        fail(f"--checkpoint {args.checkpoint!r} {why}; accepted: one of the same networks")
+        fail(f"--checkpoint {args.checkpoint!r} {why}; accepted: the same networks")
     critic.load_state_dict(checkpoint["critic"])
     value_norm.load_state_dict(checkpoint["value_norm"])
     critic_optim.load_state_dict(checkpoint["critic_optim"])

@@ -373,8 +373,11 @@ def test_eval_only_and_resume_take_task_and_shape_from_the_checkpoint(lorasa_run
     )
     args = module.finalize_args(args)
     assert (args.num_envs, args.total_timesteps, args.lora_start) == (2, 400, 80)
-    # a flag the checkpoint overrides is named, never dropped silently
-    assert "the checkpoint's settings win: " in capsys.readouterr().out
+    # a flag given that the checkpoint overrides is named, never dropped silently; defaults are not
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("the checkpoint's settings win: ") and len(printed) == 2
+    assert "scenario='HalfCheetah' (not 'Ant')" in printed[0] and "seed=" not in printed[0]
+    assert printed[1] == "the checkpoint's settings win: num_envs=2 (not 5)"
 
 
 def test_loading_refuses_an_actor_that_does_not_fit_and_takes_this_runs_critic_settings(
